@@ -1,0 +1,134 @@
+"""The one estimator interface, and the registry that names estimators.
+
+An estimator owns a model and a loss. ``step(inputs, targets)`` computes a gradient
+estimate *somehow* (backprop, forward-mode AD, two forward passes, local losses ...) and
+writes it into ``param.grad`` of every trainable parameter, so any ``torch.optim``
+optimizer, scheduler or gradient clipping works unchanged::
+
+    est = forwardonly.ForwardGradient(model, loss_fn, directions=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for x, y in loader:
+        opt.zero_grad()
+        stats = est.step(x, y)   # {"loss": ..., plus the estimator's own metrics}
+        opt.step()
+
+Randomness is explicit: every stochastic estimator derives its per-step seed from
+``(seed, step index)``, so any step can be regenerated (after a resume, on another rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+ESTIMATORS: dict[str, type[Estimator]] = {}
+
+E = TypeVar("E", bound="type[Estimator]")
+
+
+def register(name: str) -> Callable[[E], E]:
+    """Class decorator: make an estimator selectable by ``name`` (CLI ``--method``)."""
+
+    def wrap(cls: E) -> E:
+        if name in ESTIMATORS:
+            raise ValueError(f"estimator name {name!r} is already registered")
+        cls.name = name
+        ESTIMATORS[name] = cls
+        return cls
+
+    return wrap
+
+
+def make_estimator(name: str, model: nn.Module, loss_fn: LossFn, **options: Any) -> Estimator:
+    """Build the estimator registered as ``name`` (e.g. ``"fg-w"``)."""
+    if name not in ESTIMATORS:
+        valid = ", ".join(repr(n) for n in sorted(ESTIMATORS))
+        raise ValueError(f"method must be one of {valid}, got {name!r}")
+    return ESTIMATORS[name](model, loss_fn, **options)
+
+
+class Estimator:
+    """Base class. Subclasses implement :meth:`estimate`.
+
+    Arguments:
+        model: any ``nn.Module`` mapping a batch of inputs to outputs.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean over the batch).
+        seed: base seed of the estimator's own randomness (directions, perturbations).
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, *, seed: int = 0) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.seed = int(seed)
+        self.steps_done = 0
+
+    # -- the interface -------------------------------------------------------------
+    def step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
+        """Fill ``.grad`` of every trainable parameter; return ``{"loss": ..., ...}``."""
+        if inputs.shape[0] == 0:
+            raise ValueError("step() got an empty batch (0 examples); check the data loader")
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"inputs and targets disagree on the batch size: "
+                f"{inputs.shape[0]} inputs vs {targets.shape[0]} targets"
+            )
+        stats = self.estimate(inputs, targets)
+        self.steps_done += 1
+        return stats
+
+    def estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, inputs: Tensor) -> Tensor:
+        """Scores ``(B, classes)`` used for evaluation; plain ``model(inputs)`` by default."""
+        return self.model(inputs)
+
+    def state_dict(self) -> dict[str, int]:
+        """What a checkpoint must keep so a resumed run draws the same directions."""
+        return {"seed": self.seed, "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed = int(state["seed"])
+        self.steps_done = int(state["steps_done"])
+
+    # -- helpers for subclasses ----------------------------------------------------
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def step_seed(self) -> int:
+        """Seed of the current step: a fixed mix of (seed, step index), 63-bit."""
+        return mix_seed(self.seed, self.steps_done)
+
+
+def mix_seed(*parts: int) -> int:
+    """Deterministic 63-bit mix of integers (splitmix64), for per-step / per-tensor seeds."""
+    x = 0x9E3779B97F4A7C15
+    mask = (1 << 64) - 1
+    for part in parts:
+        x = (x ^ (int(part) & mask)) & mask
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        x = z ^ (z >> 31)
+    return x & ((1 << 63) - 1)
+
+
+def set_grad(param: Tensor, value: Tensor) -> None:
+    """Write ``value`` into ``param.grad`` (reusing the buffer when there is one)."""
+    if param.grad is None:
+        param.grad = value.detach().to(param.dtype).clone()
+    else:
+        param.grad.copy_(value)
