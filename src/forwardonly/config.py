@@ -1,0 +1,210 @@
+"""The training configuration: one typed dataclass that *is* the CLI and the config-file schema.
+
+Every field becomes a ``forwardonly train --flag`` (underscores as dashes) with the help text
+in its metadata; a YAML or TOML file holds the same keys. Unknown keys and wrongly typed
+values are errors, all reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message lists every problem found."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = _f("digits", "Dataset: digits (embedded, no download), mnist, fashion-mnist, "
+                      "kmnist (IDX files), cifar10 (binary version).")
+    data_dir: str | None = _f(None, "Directory holding the dataset files (or a root with "
+                              "<dataset>/ folders); defaults to $FORWARDONLY_DATA.")
+    standardize: bool = _f(True, "Map each channel to zero mean, unit variance using the "
+                           "training split's statistics.")
+    # model
+    model: str = _f("mlp", "Model: mlp, cnn (and any other registered model).")
+    widths: list[int] = _f([256, 256], "MLP hidden widths, e.g. --widths 1024 1024.")
+    activation: str = _f("relu", "Hidden activation: relu, gelu, tanh, sigmoid, silu, "
+                         "leaky_relu.")
+    channels: list[int] = _f([16, 32], "CNN channels per conv block.")
+    # method
+    method: str = _f("fg-w", "How gradients are obtained: bp (backprop), fg-w (forward "
+                     "gradient, weight perturbation), fg-sign, zo (zeroth order / MeZO), "
+                     "zo-sign, and every other registered estimator.")
+    directions: int = _f(1, "K: random directions averaged per step (fg-*, zo*).")
+    distribution: str = _f("gaussian", "Direction distribution: gaussian, rademacher, rank1.")
+    epsilon: float = _f(1e-3, "Perturbation size for zeroth-order methods.")
+    # optimisation
+    optimizer: str = _f("adam", "Optimizer: adam or sgd (with --momentum).")
+    lr: float = _f(1e-3, "Peak learning rate.")
+    momentum: float = _f(0.9, "SGD momentum (ignored by adam).")
+    weight_decay: float = _f(0.0, "Weight decay (decoupled for adam: AdamW).")
+    schedule: str = _f("cosine", "Learning-rate schedule after warmup: cosine or constant.")
+    warmup_epochs: float = _f(0.0, "Linear warmup length in epochs (fractions allowed).")
+    clip_grad: float | None = _f(None, "Clip the gradient estimate's global norm to this value.")
+    batch_size: int = _f(64, "Training mini-batch size.")
+    epochs: int = _f(10, "Number of passes over the training set.")
+    eval_batch_size: int = _f(1000, "Batch size for evaluation (no effect on results).")
+    # run
+    seed: int = _f(0, "Seed of everything: initialisation, shuffling, directions.")
+    device: str = _f("cpu", "Device: cpu or cuda (cuda:N).")
+    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice).")
+    out: str | None = _f(None, "Run directory (config, metrics, plot, checkpoint); default "
+                         "runs/<dataset>-<method>-<seed>.")
+    progress: bool = _f(True, "Show a progress bar per epoch.")
+
+    def validate(self) -> None:
+        from .data import DATASETS
+        from .directions import DISTRIBUTIONS
+        from .estimators import ESTIMATORS
+        from .models import MODELS
+
+        problems: list[str] = []
+
+        def one_of(name: str, value: str, valid: typing.Iterable[str]) -> None:
+            valid = sorted(valid)
+            if value not in valid:
+                problems.append(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+
+        one_of("dataset", self.dataset, DATASETS)
+        one_of("model", self.model, MODELS)
+        one_of("method", self.method, ESTIMATORS)
+        one_of("distribution", self.distribution, DISTRIBUTIONS)
+        one_of("optimizer", self.optimizer, ("adam", "sgd"))
+        one_of("schedule", self.schedule, ("cosine", "constant"))
+        for name in ("directions", "batch_size", "epochs", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1; got {getattr(self, name)}")
+        for name in ("lr", "epsilon"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                problems.append(f"{name} must be a positive number; got {v}")
+        for name in ("momentum", "weight_decay", "warmup_epochs"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                problems.append(f"{name} must be a non-negative number; got {v}")
+        if self.warmup_epochs > self.epochs:
+            problems.append(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            problems.append(f"clip_grad must be positive when set; got {self.clip_grad}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            problems.append(f"device must be cpu or cuda[:N]; got {self.device!r}")
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
+    """``(base type, is_list, is_optional)`` of a config field."""
+    hints = typing.get_type_hints(TrainConfig)
+    tp = hints[f.name]
+    optional = False
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional, tp = True, args[0]
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True, optional
+    return tp, False, optional
+
+
+def _coerce(name: str, value: Any, problems: list[str]) -> Any:
+    f = next(x for x in fields() if x.name == name)
+    base, is_list, optional = field_type(f)
+    if value is None:
+        if optional:
+            return None
+        problems.append(f"{name} may not be null")
+        return None
+    if is_list:
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return [_coerce_scalar(name, v, base, problems) for v in value]
+    return _coerce_scalar(name, value, base, problems)
+
+
+def _coerce_scalar(name: str, value: Any, base: type, problems: list[str]) -> Any:
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{name} must be true or false; got {value!r}")
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.append(f"{name} must be an integer; got {value!r}")
+    elif base is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{name} must be a number; got {value!r}")
+    elif base is str:
+        if isinstance(value, str):
+            return value
+        problems.append(f"{name} must be a string; got {value!r}")
+    return value
+
+
+def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """A config from ``values`` (over ``base`` or the defaults); unknown keys are errors."""
+    known = {f.name for f in fields()}
+    problems: list[str] = []
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            close = [k for k in known if k.startswith(name[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            problems.append(f"unknown key {key!r}{hint}")
+            continue
+        clean[name] = _coerce(name, value, problems)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    cfg = dataclasses.replace(base or TrainConfig(), **clean)
+    cfg.validate()
+    return cfg
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
