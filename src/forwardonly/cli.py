@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .train import train
 
     base = config_from_args(args)
-    root = Path(base.out or "runs/compare")
+    root = Path(base.out or time.strftime("runs/compare-%Y%m%d-%H%M%S"))
     results = []
     for method in args.methods:
         cfg = from_dict({"method": method, "out": str(root / method)}, base=base)

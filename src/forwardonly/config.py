@@ -8,6 +8,7 @@ values are errors, all reported at once.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import sys
 import types
@@ -72,7 +73,7 @@ class TrainConfig:
     device: str = _f("cpu", "Device: cpu or cuda (cuda:N).")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice).")
     out: str | None = _f(None, "Run directory (config, metrics, plot, checkpoint); default "
-                         "runs/<dataset>-<method>-<seed>.")
+                         "runs/<dataset>-<method>-s<seed>-<date-time>.")
     progress: bool = _f(True, "Show a progress bar per epoch.")
 
     def validate(self) -> None:
@@ -178,8 +179,8 @@ def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainC
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in known:
-            close = [k for k in known if k.startswith(name[:3])]
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
             problems.append(f"unknown key {key!r}{hint}")
             continue
         clean[name] = _coerce(name, value, problems)

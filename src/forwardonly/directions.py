@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .estimators.base import mix_seed
+from .seeding import mix_seed
 
 DISTRIBUTIONS = ("gaussian", "rademacher", "rank1")
 

@@ -173,13 +173,21 @@ def _whole_model(model, loss_fn, x, y, tangent, k):
 
 
 def _track_modules(model: nn.Module, current: list[str]) -> list[Any]:
+    """Hooks that keep ``current`` = the stack of modules whose forward is running."""
+
+    def enter(label: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            current.append(label)
+        return hook
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        current.pop()
+
     hooks = []
     for name, module in model.named_modules():
         label = f"'{name or '<root>'}' ({type(module).__name__})"
-        hooks.append(module.register_forward_pre_hook(
-            lambda m, a, label=label: current.append(label)))
-        hooks.append(module.register_forward_hook(
-            lambda m, a, o: current.pop() if current else None))
+        hooks.append(module.register_forward_pre_hook(enter(label)))
+        hooks.append(module.register_forward_hook(leave))
     return hooks
 
 

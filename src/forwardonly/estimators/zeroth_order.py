@@ -10,7 +10,8 @@ needs no copy of the parameters: the memory of inference plus one tensor's direc
 restore is exact up to float rounding (about one ulp of θ per step).
 
 ``zo-sign`` is the essay's literal pseudo-code: compare ``L(θ + εv)`` with ``L(θ)`` and step
-towards ``+v`` if the loss went down, ``−v`` otherwise: ``g = (1/K) Σ_k sign(L(θ+εv_k) − L(θ)) v_k``.
+towards ``+v`` if the loss went down, ``−v`` otherwise:
+``g = (1/K) Σ_k sign(L(θ+εv_k) − L(θ)) v_k``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..directions import DirectionSampler
-from .base import Estimator, LossFn, mix_seed, register, set_grad
+from .base import Estimator, LossFn, mix_seed, register
 
 
 @register("zo")
@@ -53,54 +54,72 @@ class ZerothOrder(Estimator):
                 for k in range(self.directions)]
 
     @torch.no_grad()
-    def _perturb(self, sampler: DirectionSampler, scale: float) -> None:
+    def _perturb(self, sampler: DirectionSampler, scale: float, grad_coeff: float | None = None
+                 ) -> None:
+        """``θ += scale·z``; with ``grad_coeff``, also ``.grad += grad_coeff·z`` (same draw)."""
         for i, (_, p) in enumerate(self.trainable()):
-            p.add_(sampler.dense(i, p, 1)[0], alpha=scale)
+            z = sampler.dense(i, p, 1)[0]
+            p.add_(z, alpha=scale)
+            if grad_coeff is not None:
+                p.grad.add_(z, alpha=grad_coeff)
 
     @torch.no_grad()
     def _loss(self, inputs: Tensor, targets: Tensor) -> float:
-        # Same dropout masks (if any) in every evaluation of this step.
-        devices = [inputs.device] if inputs.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(mix_seed(self.step_seed(), 0x5EED))
-            return self.loss_fn(self.model(inputs), targets).item()
+        # Every evaluation of a step sees the same random numbers (dropout masks); the
+        # global RNG state is restored by ``estimate``.
+        torch.random.default_generator.manual_seed(mix_seed(self.step_seed(), 0x5EED))
+        return self.loss_fn(self.model(inputs), targets).item()
 
-    def coefficients(self, samplers: list[DirectionSampler], inputs: Tensor, targets: Tensor
-                     ) -> tuple[float, Tensor]:
-        """Loss (at θ, estimated as the mean of the two sides) and the K coefficients d_k/K."""
-        eps, d, mid = self.epsilon, [], []
-        for sampler in samplers:
-            self._perturb(sampler, +eps)
-            plus = self._loss(inputs, targets)
-            self._perturb(sampler, -2 * eps)
-            minus = self._loss(inputs, targets)
-            self._perturb(sampler, +eps)
-            d.append((plus - minus) / (2 * eps))
-            mid.append((plus + minus) / 2)
-        return sum(mid) / len(mid), torch.tensor(d, dtype=torch.float64) / self.directions
+    def directional(self, sampler: DirectionSampler, inputs: Tensor, targets: Tensor
+                    ) -> tuple[float, float]:
+        """One direction: ``(loss estimate, weight of z in g before the 1/K)``; θ ends at
+        ``θ + ε z`` and the caller's final ``_perturb`` restores it."""
+        eps = self.epsilon
+        self._perturb(sampler, +eps)
+        plus = self._loss(inputs, targets)
+        self._perturb(sampler, -2 * eps)
+        minus = self._loss(inputs, targets)
+        return (plus + minus) / 2, (plus - minus) / (2 * eps)
+
+    def restore_shift(self) -> float:
+        """Where ``directional`` leaves θ, in units of ε·z (restored by ``-shift``)."""
+        return -1.0
 
     def estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
-        samplers = self._samplers()
-        loss, coeffs = self.coefficients(samplers, inputs, targets)
-        with torch.no_grad():
-            for i, (_, p) in enumerate(self.trainable()):
-                g = torch.zeros_like(p)
-                for sampler, c in zip(samplers, coeffs.tolist(), strict=True):
-                    g.add_(sampler.dense(i, p, 1)[0], alpha=c)
-                set_grad(p, g)
-        return {"loss": loss, "dir_deriv_rms": (coeffs * self.directions).pow(2).mean().sqrt()
-                .item()}
+        rng = torch.get_rng_state()
+        try:
+            return self._estimate(inputs, targets)
+        finally:
+            torch.set_rng_state(rng)
+
+    def _estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
+        for _, p in self.trainable():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+        losses, coeffs = [], []
+        for sampler in self._samplers():
+            loss, c = self.directional(sampler, inputs, targets)
+            # restore θ and accumulate c/K · z into .grad from the same draw
+            self._perturb(sampler, -self.restore_shift() * self.epsilon, c / self.directions)
+            losses.append(loss)
+            coeffs.append(c)
+        d = torch.tensor(coeffs)
+        return {"loss": sum(losses) / len(losses), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
 
 @register("zo-sign")
 class ZerothOrderSign(ZerothOrder):
     """The essay's pseudo-code: ``g = (1/K) Σ_k sign(L(θ + εv_k) − L(θ)) v_k``."""
 
-    def coefficients(self, samplers, inputs, targets):
-        base = self._loss(inputs, targets)
-        signs = []
-        for sampler in samplers:
-            self._perturb(sampler, +self.epsilon)
-            signs.append(math.copysign(1.0, self._loss(inputs, targets) - base))
-            self._perturb(sampler, -self.epsilon)
-        return base, torch.tensor(signs, dtype=torch.float64) / self.directions
+    def _estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
+        self._base = self._loss(inputs, targets)
+        return super()._estimate(inputs, targets)
+
+    def directional(self, sampler, inputs, targets):
+        self._perturb(sampler, +self.epsilon)
+        return self._base, math.copysign(1.0, self._loss(inputs, targets) - self._base)
+
+    def restore_shift(self) -> float:
+        return 1.0

@@ -98,7 +98,10 @@ def error_rate(est: Estimator, x: Tensor, y: Tensor, batch_size: int, device: st
 
 
 def prepare_run_dir(config: TrainConfig, resume: bool) -> tuple[TrainConfig, Path]:
-    run_dir = Path(config.out or f"runs/{config.dataset}-{config.method}-{config.seed}")
+    if resume and not config.out:
+        raise ConfigError("--resume needs --out: the run directory to continue")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.out or f"runs/{config.dataset}-{config.method}-s{config.seed}-{stamp}")
     ckpt = run_dir / CHECKPOINT
     if resume:
         if not ckpt.is_file():

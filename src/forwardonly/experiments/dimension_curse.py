@@ -1,0 +1,354 @@
+"""The curse of dimensionality: |cos| between random vectors concentrates at 0 as n grows.
+
+For ``x, y ~ N(0, Iₙ)`` independent, rotational invariance makes ``cos(x, y)`` distributed as
+``x₁ / ‖x‖``, hence (χ²₁ / (χ²₁ + χ²ₙ₋₁))::
+
+    cos² ~ Beta(1/2, (n-1)/2)
+    E[cos²]  = 1/n                       Var[cos²] = 2(n-1) / (n²(n+2))
+    E|cos|   = Γ(n/2) / (√π Γ((n+1)/2))  → sqrt(2/(πn))  as n → ∞
+
+This is why a random perturbation direction carries little information about the gradient of
+a network with n parameters (forward gradient, zeroth order): the cosine between the estimate and
+the true gradient scales like ``n^(-1/2)``.
+
+The experiment has two panels:
+
+1. the essay's picture: for n = 4..79, ``pairs`` independent pairs of N(0, Iₙ) vectors per n
+   (fresh samples for every n), histogram of |cos| on [0, 1] in 100 bins, one curve per n,
+   coloured RGB (n/80, 1 - n/80, 1): cyan for small n to magenta for large n;
+2. E|cos| and sqrt(E[cos²]) against n up to 10⁶ (the size of real networks) beside the closed
+   forms. Up to ``--direct-max`` the points come from explicit Gaussian pairs (fewer of them,
+   generated in chunks); over the whole range they also come from the exact distribution
+   cos² ~ Beta(1/2, (n-1)/2), which needs no n-dimensional vectors at all.
+
+Run: ``forwardonly experiment dimension-curse --out results/dimension-curse``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from forwardonly.estimators.base import mix_seed
+from forwardonly.experiments import torch_threads, write_csv
+
+# Largest number of float32 normals drawn at once when sampling pairs (2 × rows × n ≤ this):
+# 2^24 floats = 64 MiB, so n = 10⁶ is sampled a few rows at a time.
+MAX_ELEMENTS = 1 << 24
+
+
+# -- closed forms ------------------------------------------------------------------------------
+def exact_mean_abs_cos(n: int | float) -> float:
+    """E|cos(x, y)| = Γ(n/2) / (√π Γ((n+1)/2)) for independent x, y ~ N(0, Iₙ) (log-gamma form)."""
+    if n < 2:
+        raise ValueError(f"the cosine needs dimension n >= 2, got n={n}")
+    return math.exp(math.lgamma(n / 2) - math.lgamma((n + 1) / 2) - 0.5 * math.log(math.pi))
+
+
+def asymptotic_mean_abs_cos(n: int | float) -> float:
+    """Large-n limit sqrt(2 / (π n)) of E|cos|."""
+    return math.sqrt(2.0 / (math.pi * n))
+
+
+def exact_mean_cos2(n: int | float) -> float:
+    """E[cos²] = 1/n (the mean of Beta(1/2, (n-1)/2))."""
+    return 1.0 / n
+
+
+# -- sampling ----------------------------------------------------------------------------------
+def sample_cos(n: int, pairs: int, *, generator: torch.Generator) -> Tensor:
+    """Cosines of ``pairs`` independent pairs of N(0, Iₙ) vectors, shape ``(pairs,)`` float32.
+
+    Vectorized over pairs; drawn in row chunks so that at most ``MAX_ELEMENTS`` normals exist
+    at once (n = 10⁶ works in constant memory).
+    """
+    if n < 2 or pairs < 1:
+        raise ValueError(f"need n >= 2 and pairs >= 1, got n={n}, pairs={pairs}")
+    rows = max(1, MAX_ELEMENTS // (2 * n))
+    out = torch.empty(pairs)
+    for start in range(0, pairs, rows):
+        m = min(rows, pairs - start)
+        z = torch.randn(2, m, n, generator=generator)  # (2, m, n): x and y stacked
+        x, y = z[0], z[1]
+        dot = torch.einsum("mi,mi->m", x, y)  # (m,)
+        out[start : start + m] = dot / torch.sqrt(x.square().sum(1) * y.square().sum(1))
+    return out
+
+
+def sample_cos2_beta(n: int, samples: int, *, rng: np.random.Generator) -> np.ndarray:
+    """Exact samples of cos² for dimension n: Beta(1/2, (n-1)/2), shape ``(samples,)`` float64."""
+    if n < 2 or samples < 1:
+        raise ValueError(f"need n >= 2 and samples >= 1, got n={n}, samples={samples}")
+    return rng.beta(0.5, (n - 1) / 2.0, size=samples)
+
+
+def histogram_abs_cos(cos: Tensor, bins: int = 100) -> Tensor:
+    """Counts of |cos| in ``bins`` equal bins on [0, 1], shape ``(bins,)`` int64.
+
+    |cos| = 1 (and float round-off just above it) falls in the last bin, so the counts always
+    sum to ``cos.numel()``.
+    """
+    idx = (cos.abs() * bins).long().clamp_(0, bins - 1)
+    return torch.bincount(idx, minlength=bins)
+
+
+def moments(cos2: np.ndarray | Tensor, abs_cos: np.ndarray | Tensor | None = None) -> dict:
+    """Sample means of |cos| and cos² with their standard errors (std / sqrt(samples))."""
+    c2 = np.asarray(cos2, dtype=np.float64)
+    a = np.sqrt(c2) if abs_cos is None else np.asarray(abs_cos, dtype=np.float64)
+    s = c2.size
+    return {
+        "samples": s,
+        "mean_abs_cos": float(a.mean()),
+        "se_mean_abs_cos": float(a.std(ddof=1) / math.sqrt(s)) if s > 1 else math.nan,
+        "mean_cos2": float(c2.mean()),
+        "se_mean_cos2": float(c2.std(ddof=1) / math.sqrt(s)) if s > 1 else math.nan,
+        "rms_cos": float(math.sqrt(c2.mean())),
+    }
+
+
+def sample_cos_nested(ns: Sequence[int], pairs: int, *, generator: torch.Generator) -> Tensor:
+    """Cosines for every n in ``ns`` from one draw of ``pairs`` pairs in dimension max(ns).
+
+    Pair j in dimension n is the first n coordinates of pair j in dimension max(ns): for each n
+    these are ``pairs`` independent pairs of N(0, Iₙ) vectors, but the curves of different n
+    share samples (they are correlated across n). Far fewer normals than fresh draws per n.
+    Returns ``(len(ns), pairs)`` float32.
+    """
+    if min(ns) < 2 or pairs < 1:
+        raise ValueError(f"need every n >= 2 and pairs >= 1, got n={min(ns)}, pairs={pairs}")
+    top = max(ns)
+    cols = torch.tensor([int(n) - 1 for n in ns])
+    rows = max(1, MAX_ELEMENTS // (2 * top))
+    out = torch.empty(len(ns), pairs)
+    for start in range(0, pairs, rows):
+        m = min(rows, pairs - start)
+        z = torch.randn(2, m, top, generator=generator)  # (2, m, top)
+        x, y = z[0], z[1]
+        # Prefix sums over coordinates give dot products and norms for every n at once.
+        dot = torch.cumsum(x * y, 1)[:, cols]  # (m, len(ns))
+        xx = torch.cumsum(x.square(), 1)[:, cols]
+        yy = torch.cumsum(y.square(), 1)[:, cols]
+        out[:, start : start + m] = (dot / torch.sqrt(xx * yy)).T
+    return out
+
+
+def histogram_sweep(
+    ns: Sequence[int], pairs: int, bins: int = 100, *, seed: int = 0, nested: bool = False
+) -> tuple[Tensor, list[dict], float]:
+    """The essay's experiment: ``pairs`` Gaussian pairs for every n in ``ns``, |cos| histograms.
+
+    ``nested=False`` (the essay's way) draws fresh pairs for every n; ``nested=True`` takes
+    every n from prefixes of one draw (see :func:`sample_cos_nested`).
+    Returns ``(counts (len(ns), bins) int64, moments per n, seconds spent sampling+binning)``.
+    """
+    gen = torch.Generator().manual_seed(mix_seed(seed, 1))
+    counts = torch.zeros(len(ns), bins, dtype=torch.long)
+    stats: list[dict] = []
+    t0 = time.perf_counter()
+    with torch_threads(1):
+        shared = sample_cos_nested(ns, pairs, generator=gen) if nested else None
+        for i, n in enumerate(ns):
+            cos = shared[i] if shared is not None else sample_cos(int(n), pairs, generator=gen)
+            counts[i] = histogram_abs_cos(cos, bins)
+            stats.append(moments(cos.double().square(), cos.double().abs()))
+    return counts, stats, time.perf_counter() - t0
+
+
+def large_n_sweep(
+    ns: Sequence[int], *, beta_samples: int, direct_pairs: int, direct_max: int, seed: int = 0
+) -> list[dict]:
+    """E|cos|, E[cos²] for each n: from Beta samples (all n) and Gaussian pairs (n ≤ direct_max)."""
+    rng = np.random.default_rng(mix_seed(seed, 2))
+    gen = torch.Generator().manual_seed(mix_seed(seed, 3))
+    rows: list[dict] = []
+    for n in ns:
+        n = int(n)
+        if direct_pairs > 0 and n <= direct_max:
+            with torch_threads(1):
+                cos = sample_cos(n, direct_pairs, generator=gen).double()
+            rows.append({"n": n, "method": "gaussian-pairs", **moments(cos.square(), cos.abs())})
+        if beta_samples > 0:
+            rows.append({"n": n, "method": "beta", **moments(sample_cos2_beta(n, beta_samples,
+                                                                                rng=rng))})
+    return rows
+
+
+def log_grid(lo: int, hi: int, per_decade: int) -> list[int]:
+    """Integers from lo to hi, about ``per_decade`` per factor of 10, no duplicates."""
+    pts = np.logspace(math.log10(lo), math.log10(hi), int(per_decade * math.log10(hi / lo)) + 1)
+    return sorted({int(round(p)) for p in pts})
+
+
+def with_closed_forms(row: dict) -> dict:
+    n = row["n"]
+    return {
+        **row,
+        "exact_mean_abs_cos": exact_mean_abs_cos(n),
+        "asymptotic_mean_abs_cos": asymptotic_mean_abs_cos(n),
+        "exact_mean_cos2": exact_mean_cos2(n),
+        "z_cos2": (row["mean_cos2"] - 1.0 / n) / row["se_mean_cos2"],
+    }
+
+
+# -- plot --------------------------------------------------------------------------------------
+def essay_color(n: int) -> tuple[float, float, float]:
+    """The essay's colour for dimension n: RGB (n/80, 1 - n/80, 1)."""
+    t = min(max(n / 80.0, 0.0), 1.0)
+    return (t, 1.0 - t, 1.0)
+
+
+def plot(
+    path: Path,
+    ns: Sequence[int],
+    counts: Tensor,
+    pairs: int,
+    large_rows: list[dict],
+    hist_seconds: float,
+    sampling: str = "independent",
+) -> Path:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LinearSegmentedColormap, Normalize
+    from matplotlib.figure import Figure
+
+    bins = counts.shape[1]
+    centers = (np.arange(bins) + 0.5) / bins
+    fig = Figure(figsize=(13, 5.2), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+
+    density = counts.double().numpy() / (pairs / bins)  # (len(ns), bins): integrates to 1
+    for i, n in enumerate(ns):
+        ax1.plot(centers, density[i], color=essay_color(int(n)), lw=0.9)
+    ax1.set_xlim(0, 1)
+    ax1.set_ylim(bottom=0)
+    ax1.set_xlabel("|cos(x, y)|")
+    ax1.set_ylabel("density")
+    ax1.set_title(
+        f"|cos| of {pairs:,} random Gaussian pairs per n, n = {min(ns)}..{max(ns)}\n"
+        f"({sampling} samples per n, {bins} bins; sampled + binned in {hist_seconds:.2f} s)",
+        fontsize=10,
+    )
+    cmap = LinearSegmentedColormap.from_list("essay", [essay_color(0), essay_color(80)])
+    sm = ScalarMappable(norm=Normalize(0, 80), cmap=cmap)
+    fig.colorbar(sm, ax=ax1, label="dimension n")
+
+    grid = np.array(sorted({r["n"] for r in large_rows}), dtype=float)
+    fine = np.logspace(math.log10(grid.min()), math.log10(grid.max()), 200)
+    ax2.plot(fine, [exact_mean_abs_cos(n) for n in fine], color="C0", lw=1.5,
+             label="E|cos| exact: Γ(n/2) / (√π Γ((n+1)/2))")
+    ax2.plot(fine, [asymptotic_mean_abs_cos(n) for n in fine], color="C0", ls=":", lw=1.5,
+             label="E|cos| → sqrt(2/(πn))")
+    ax2.plot(fine, 1 / np.sqrt(fine), color="C3", lw=1.5, label="sqrt(E cos²) = 1/sqrt(n)")
+    for method, marker, fill in (("beta", "o", "none"), ("gaussian-pairs", "x", None)):
+        rows = [r for r in large_rows if r["method"] == method]
+        if not rows:
+            continue
+        n_ = [r["n"] for r in rows]
+        what = (f"Beta(1/2,(n-1)/2) samples ({rows[0]['samples']:,}/n)" if method == "beta"
+                else f"Gaussian pairs ({rows[0]['samples']:,}/n)")
+        kw: dict[str, Any] = {"marker": marker, "ls": "none", "ms": 5}
+        if fill:
+            kw["mfc"] = fill
+        ax2.plot(n_, [r["mean_abs_cos"] for r in rows], color="C0", label=f"E|cos|, {what}", **kw)
+        ax2.plot(n_, [r["rms_cos"] for r in rows], color="C3", label=f"sqrt(E cos²), {what}",
+                 **kw)
+    ax2.axvspan(1e5, grid.max(), color="0.9", zorder=0)
+    ax2.text(3e5, 0.5, "real networks:\n10⁵ parameters\nand more", ha="center", va="center",
+             fontsize=8)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("dimension n")
+    ax2.set_ylabel("|cos| scale")
+    ax2.set_title("concentration of cos at 0: E|cos| and sqrt(E cos²) against n", fontsize=10)
+    ax2.legend(fontsize=7.5, loc="lower left")
+    ax2.grid(True, which="major", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    return path
+
+
+# -- command -----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("results/dimension-curse"),
+                        help="folder for dimension_curse.png and the CSV files")
+    parser.add_argument("--seed", type=int, default=0, help="seed of all random draws")
+    parser.add_argument("--n-min", type=int, default=4, help="smallest n of the histograms")
+    parser.add_argument("--n-max", type=int, default=79, help="largest n of the histograms")
+    parser.add_argument("--pairs", type=int, default=100_000,
+                        help="Gaussian pairs per n for the histograms (fresh for every n)")
+    parser.add_argument("--bins", type=int, default=100, help="histogram bins on [0, 1]")
+    parser.add_argument("--sampling", choices=("independent", "nested"), default="independent",
+                        help="independent: fresh pairs for every n (the essay's way); nested: "
+                        "every n from prefixes of one draw in dimension --n-max (faster, the "
+                        "curves then share samples)")
+    parser.add_argument("--large-n-max", type=int, default=1_000_000,
+                        help="largest n of the second panel")
+    parser.add_argument("--per-decade", type=int, default=6,
+                        help="points per factor of 10 in n on the second panel")
+    parser.add_argument("--beta-samples", type=int, default=100_000,
+                        help="samples of cos² ~ Beta(1/2,(n-1)/2) per n on the second panel")
+    parser.add_argument("--direct-pairs", type=int, default=5_000,
+                        help="explicit Gaussian pairs per n on the second panel (0: none)")
+    parser.add_argument("--direct-max", type=int, default=10_000,
+                        help="largest n for which the second panel also samples Gaussian pairs")
+
+
+def run(args: argparse.Namespace) -> dict:
+    if not 2 <= args.n_min <= args.n_max:
+        raise ValueError(f"need 2 <= --n-min <= --n-max, got {args.n_min} and {args.n_max}")
+    out: Path = args.out
+    ns = list(range(args.n_min, args.n_max + 1))
+    counts, hist_stats, seconds = histogram_sweep(
+        ns, args.pairs, args.bins, seed=args.seed, nested=args.sampling == "nested"
+    )
+
+    lo = 4 if args.large_n_max >= 4 else 2
+    grid = log_grid(lo, args.large_n_max, args.per_decade)
+    t0 = time.perf_counter()
+    large = large_n_sweep(grid, beta_samples=args.beta_samples, direct_pairs=args.direct_pairs,
+                          direct_max=args.direct_max, seed=args.seed)
+    large_seconds = time.perf_counter() - t0
+
+    edges = np.linspace(0.0, 1.0, args.bins + 1)
+    hist_rows = [
+        {"n": n, "bin_lo": float(edges[b]), "bin_hi": float(edges[b + 1]),
+         "count": int(counts[i, b]), "density": float(counts[i, b]) * args.bins / args.pairs}
+        for i, n in enumerate(ns) for b in range(args.bins)
+    ]
+    hist_method = f"gaussian-pairs-histogram-{args.sampling}"
+    moment_rows = [with_closed_forms({"n": n, "method": hist_method, **s})
+                   for n, s in zip(ns, hist_stats, strict=True)]
+    moment_rows += [with_closed_forms(r) for r in large]
+    write_csv(out / "dimension_curse_histograms.csv", hist_rows)
+    write_csv(out / "dimension_curse_moments.csv", moment_rows)
+    png = plot(out / "dimension_curse.png", ns, counts, args.pairs, large, seconds, args.sampling)
+
+    worst = max(moment_rows, key=lambda r: abs(r["z_cos2"]))
+    summary = {
+        "histogram_seconds": seconds,
+        "large_n_seconds": large_seconds,
+        "pairs_per_n": args.pairs,
+        "sampling": args.sampling,
+        "n_range": [ns[0], ns[-1]],
+        "total_pairs": args.pairs * len(ns),
+        "max_abs_z_cos2": abs(worst["z_cos2"]),
+        "mean_abs_cos_at_n_max": next(r["mean_abs_cos"] for r in reversed(moment_rows)),
+        "png": str(png),
+    }
+    print(f"dimension-curse: {summary['total_pairs']:,} pairs (n = {ns[0]}..{ns[-1]}, "
+          f"{args.pairs:,} per n, {args.sampling}) sampled and binned in {seconds:.2f} s; "
+          f"second panel (n up to {grid[-1]:,}) in {large_seconds:.2f} s")
+    print(f"  E[cos²] vs 1/n: largest deviation {abs(worst['z_cos2']):.2f} standard errors "
+          f"(n = {worst['n']}, {worst['method']})")
+    print(f"  E|cos| at n = {grid[-1]:,}: {summary['mean_abs_cos_at_n_max']:.3g} "
+          f"(exact {exact_mean_abs_cos(grid[-1]):.3g})")
+    print(f"  wrote {png} and CSVs in {out}")
+    return summary

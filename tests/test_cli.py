@@ -1,0 +1,79 @@
+"""Command line and config files: flags mirror the config, bad settings get clear errors."""
+
+import pytest
+
+from forwardonly.cli import build_parser, main
+from forwardonly.config import ConfigError, TrainConfig, fields, from_dict, load_file
+
+
+def test_help_explains_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for f in fields():
+        assert "--" + f.name.replace("_", "-") in text
+    assert "--resume" in text
+
+
+def test_unknown_and_mistyped_keys_are_all_reported():
+    with pytest.raises(ConfigError) as info:
+        from_dict({"lrr": 0.1, "epochs": "ten", "method": "fgw"})
+    message = str(info.value)
+    assert "unknown key 'lrr'" in message and "did you mean" in message
+    assert "epochs must be an integer" in message
+
+
+def test_invalid_values_are_reported():
+    with pytest.raises(ConfigError) as info:
+        from_dict({"method": "fgw", "lr": -1.0, "batch_size": 0})
+    message = str(info.value)
+    assert "method must be one of" in message and "'fgw'" in message
+    assert "lr must be a positive number" in message
+    assert "batch_size must be at least 1" in message
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".yaml", "method: zo\nwidths: [8, 8]\nlr: 0.01\n"),
+    (".toml", 'method = "zo"\nwidths = [8, 8]\nlr = 0.01\n'),
+])
+def test_config_files_mirror_the_flags(tmp_path, suffix, text):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    cfg = from_dict(load_file(path))
+    assert (cfg.method, cfg.widths, cfg.lr) == ("zo", [8, 8], 0.01)
+    args = build_parser().parse_args(["train", "--config", str(path), "--lr", "0.5"])
+    from forwardonly.cli import config_from_args
+
+    cfg = config_from_args(args)
+    assert cfg.lr == 0.5 and cfg.method == "zo"  # flags override the file
+
+
+def test_bad_config_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match="must end in .yaml, .yml or .toml"):
+        load_file(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_file(tmp_path / "none.yaml")
+
+
+def test_train_then_eval_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--epochs", "1", "--widths", "8", "--no-progress", "--out", str(out)])
+    assert code == 0
+    assert "test error" in capsys.readouterr().out
+    assert main(["eval", str(out)]) == 0
+    assert "test error" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    code = main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress",
+                 "--out", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("forwardonly: error:") and "Traceback" not in err
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+
+
+def test_defaults_are_valid():
+    TrainConfig().validate()

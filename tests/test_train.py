@@ -1,0 +1,117 @@
+"""Training loop: run directory contents, resume equals uninterrupted, divergence handling."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+import forwardonly
+from forwardonly.config import ConfigError, from_dict
+from forwardonly.estimators.base import register
+from forwardonly.estimators.forward_gradient import ForwardGradient
+from forwardonly.train import TrainingDiverged, train
+from forwardonly.train.checkpoint import CheckpointError, load, save
+
+SMALL = dict(dataset="digits", widths=[16], batch_size=128, progress=False, directions=2)
+
+
+def cfg(tmp_path, **kw):
+    return from_dict({**SMALL, "out": str(tmp_path / "run"), **kw})
+
+
+def test_run_directory_contents(tmp_path):
+    result = train(cfg(tmp_path, epochs=2, seed=3), log=lambda s: None)
+    run = result.run_dir
+    doc = yaml.safe_load((run / "config.yaml").read_text())
+    assert doc["config"]["seed"] == 3 and doc["config"]["method"] == "fg-w"
+    assert doc["versions"]["torch"] == str(torch.__version__)
+    assert doc["versions"]["forwardonly"] == forwardonly.__version__
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    for column in ("epoch", "train_loss", "train_error", "test_error", "seconds",
+                   "samples_per_s"):
+        assert column in header
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert (run / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = load(run / "checkpoint.pt")
+    assert state["epoch"] == 2
+    assert not list(run.glob("*.tmp"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train(cfg(tmp_path / "a", epochs=3), log=lambda s: None)
+
+    def stop_after_first_epoch(message):
+        if message.startswith("epoch 1/"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg(tmp_path / "b", epochs=3), log=stop_after_first_epoch)
+    resumed = train(cfg(tmp_path / "b", epochs=3), resume=True, log=lambda s: None)
+    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    drop = ("seconds", "samples_per_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    assert strip(full.rows) == strip(resumed.rows)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    train(cfg(tmp_path, epochs=1), log=lambda s: None)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train(cfg(tmp_path, epochs=1), log=lambda s: None)
+
+
+def test_resume_rejects_changed_settings(tmp_path):
+    train(cfg(tmp_path, epochs=1), log=lambda s: None)
+    with pytest.raises(ConfigError, match="lr: run has 0.001, given 0.5"):
+        train(cfg(tmp_path, epochs=2, lr=0.5), resume=True, log=lambda s: None)
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="holds no checkpoint.pt"):
+        train(cfg(tmp_path, epochs=1), resume=True, log=lambda s: None)
+
+
+@register("test-nan-in-epoch-2")
+class NanLater(ForwardGradient):
+    """fg-w whose loss turns NaN after 12 steps (digits has 12 batches of 128)."""
+
+    def estimate(self, inputs, targets):
+        stats = super().estimate(inputs, targets)
+        return {**stats, "loss": math.nan} if self.steps_done >= 12 else stats
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match="epoch 2.*checkpoint of epoch 1.*is kept"):
+        train(cfg(tmp_path, epochs=3, method="test-nan-in-epoch-2"), log=lambda s: None)
+    state = load(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_checkpoint_loading_executes_no_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(CheckpointError, match="could not be read safely"):
+        load(path)
+    save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(load(tmp_path / "ok.pt")["w"], torch.ones(2))
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load(tmp_path / "missing.pt")
+
+
+def test_training_lowers_error_on_digits(tmp_path):
+    result = train(cfg(tmp_path, epochs=4, method="bp", lr=1e-2, batch_size=32),
+                   log=lambda s: None)
+    assert result.rows[-1]["train_loss"] < result.rows[0]["train_loss"]
+    assert result.test_error < 0.15
