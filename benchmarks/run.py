@@ -1,0 +1,104 @@
+"""Regenerate BENCHMARKS.md: run the benchmark sections, then collect their markdown + CSV.
+
+    python benchmarks/run.py                       # the default (short) sections, then collect
+    python benchmarks/run.py --sections core-step-time core-memory
+    python benchmarks/run.py --collect-only        # rebuild BENCHMARKS.md from existing results
+
+Long sections (full training runs) are listed by ``--list``; they resume where they stopped
+and may be run on their own in the background. Every section writes its CSV and a markdown
+snippet under benchmarks/results/ or benchmarks/out/<area>/; BENCHMARKS.md is assembled from
+those snippets with the machine, torch version, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+
+# name -> (command, default?)
+SECTIONS: dict[str, tuple[list[str], bool]] = {
+    "core-step-time": ([PY, str(HERE / "core.py"), "step-time"], True),
+    "core-memory": ([PY, str(HERE / "core.py"), "memory"], True),
+    "core-mnist": ([PY, str(HERE / "core.py"), "mnist"], False),
+}
+
+# Snippets, in the order they appear in BENCHMARKS.md.
+SNIPPETS = ["results/core_step_time.md", "results/core_memory.md", "results/core_mnist.md",
+            "out/local/*.md", "out/ff/*.md", "out/distributed/*.md"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
+
+
+def collect(command: str) -> None:
+    import torch
+
+    import forwardonly
+
+    parts = [
+        "# Benchmarks\n",
+        f"- Machine: {machine()} (shared; compare ratios measured in one run, not absolute "
+        "times)",
+        f"- torch {torch.__version__}, forwardonly {forwardonly.__version__}, "
+        f"Python {platform.python_version()}",
+        f"- Generated: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"- Command: `{command}` (each section's own command is in its heading notes)\n",
+    ]
+    for pattern in SNIPPETS:
+        for path in sorted(HERE.glob(pattern)):
+            parts.append(path.read_text().strip() + "\n")
+            csvs = sorted(path.parent.glob(path.stem + "*.csv"))
+            if csvs:
+                parts.append("Data: " + ", ".join(f"`{c.relative_to(ROOT)}`" for c in csvs)
+                             + "\n")
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", nargs="+", choices=sorted(SECTIONS),
+                   help="sections to run (default: the short ones)")
+    p.add_argument("--collect-only", action="store_true", help="only rebuild BENCHMARKS.md")
+    p.add_argument("--list", action="store_true", help="list the sections and exit")
+    a = p.parse_args()
+    if a.list:
+        for name, (cmd, default) in SECTIONS.items():
+            print(f"{name:<22} {'default' if default else 'long'}  {shlex.join(cmd[1:])}")
+        return
+    if not a.collect_only:
+        names = a.sections or [n for n, (_, default) in SECTIONS.items() if default]
+        for name in names:
+            print(f"== {name} ==", flush=True)
+            subprocess.run(SECTIONS[name][0], check=True, cwd=ROOT)
+    collect(shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()
