@@ -64,7 +64,7 @@ def step_time(rounds: int, batches: list[int]) -> None:
                 for label, m, o in STEP_METHODS}
         steps = max(3, 2048 // batch)
         times: dict[str, list[float]] = {label: [] for label in ests}
-        for label, est in ests.items():  # warm-up
+        for est in ests.values():  # warm-up
             est.step(x, y)
         for _ in range(rounds):
             for label, est in ests.items():
