@@ -8,6 +8,7 @@ Examples::
     forwardonly eval runs/demo
     forwardonly compare --methods fg-w bp --epochs 20
     forwardonly experiment dimension-curse --out runs/curse
+    torchrun --nproc-per-node 2 -m forwardonly train --distributed data --method fg-w --out runs/dp
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 
 from .config import ConfigError, TrainConfig, field_type, fields, from_dict, load_file
 from .data import DataError
+from .distributed.watchdog import RankFailure
 from .forward_mode import ForwardModeError
 from .train import TrainingDiverged
 from .train.checkpoint import CheckpointError
@@ -66,7 +69,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     result = train(cfg, resume=args.resume)
-    print(f"test error {100 * result.test_error:.2f}%  (run directory: {result.run_dir})")
+    if not cfg.distributed or os.environ.get("RANK", "0") == "0":  # rank 0 speaks for all
+        print(f"test error {100 * result.test_error:.2f}%  (run directory: {result.run_dir})")
     return 0
 
 
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, ForwardModeError, TrainingDiverged, CheckpointError,
-            FileNotFoundError) as exc:
+            FileNotFoundError, RankFailure) as exc:
         print(f"forwardonly: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

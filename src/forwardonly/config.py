@@ -75,6 +75,19 @@ class TrainConfig:
     out: str | None = _f(None, "Run directory (config, metrics, plot, checkpoint); default "
                          "runs/<dataset>-<method>-s<seed>-<date-time>.")
     progress: bool = _f(True, "Show a progress bar per epoch.")
+    # distributed
+    distributed: str | None = _f(None, "Train on several processes started by torchrun "
+                                 "(torchrun --nproc-per-node N -m forwardonly train "
+                                 "--distributed data ...): data = every rank takes a shard of "
+                                 "each batch and only the K directional derivatives travel "
+                                 "(fg-w, fg-sign, zo, zo-sign; DDP for bp); stages = the "
+                                 "model's layers split into pipeline stages, one per rank "
+                                 "(fg-w, fg-sign, bp). Rank 0 writes the run directory.")
+    dist_timeout: float = _f(60.0, "Seconds a rank may wait for the others (one collective, "
+                             "send or receive) before the run stops with an error naming the "
+                             "rank that hung; a rank that dies is named within about "
+                             "clip(dist_timeout/6, 1, 10) seconds. Must exceed the longest "
+                             "pause between collectives (rank 0 writing a checkpoint).")
 
     def validate(self) -> None:
         from .data import DATASETS
@@ -110,6 +123,11 @@ class TrainConfig:
             problems.append(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         if self.clip_grad is not None and not self.clip_grad > 0:
             problems.append(f"clip_grad must be positive when set; got {self.clip_grad}")
+        if self.distributed is not None:
+            one_of("distributed", self.distributed, ("data", "stages"))
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            problems.append(f"dist_timeout must be a positive number of seconds; "
+                            f"got {self.dist_timeout}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             problems.append(f"device must be cpu or cuda[:N]; got {self.device!r}")
         if problems:

@@ -18,6 +18,8 @@ runs and drawn again to form ``g``; they are never kept beyond the step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,11 @@ class ForwardGradient(Estimator):
         distribution: ``"gaussian"`` (Baydin et al.), ``"rademacher"`` or ``"rank1"``
             (see :mod:`forwardonly.directions`).
     """
+
+    #: Combines this process's ``(loss, d)`` with the other processes' before the estimate is
+    #: formed — set by :mod:`forwardonly.distributed` (data parallelism: one all-gather of
+    #: the K + 1 numbers); ``None`` in a single process.
+    reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
                  distribution: str = "gaussian", seed: int = 0) -> None:
@@ -69,6 +76,8 @@ class ForwardGradient(Estimator):
             return sampler.dense(i, p, k)
 
         loss, d = directional_derivatives(self.model, self.loss_fn, inputs, targets, tangent, k)
+        if self.reduce is not None:
+            loss, d = self.reduce(loss, d)
         coeffs = self.coefficients(d)
         with torch.no_grad():
             for i, p in enumerate(params):

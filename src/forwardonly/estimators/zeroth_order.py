@@ -17,6 +17,7 @@ towards ``+v`` if the loss went down, ``−v`` otherwise:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,11 @@ class ZerothOrder(Estimator):
         distribution: ``"gaussian"``, ``"rademacher"`` or ``"rank1"``.
         epsilon: the perturbation size ε.
     """
+
+    #: Combines this process's ``(loss, raw)`` — the mean loss and the K raw directional
+    #: numbers of :meth:`directional` — with the other processes' before the estimate is
+    #: formed (set by :mod:`forwardonly.distributed`); ``None`` in a single process.
+    reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
                  distribution: str = "gaussian", epsilon: float = 1e-3, seed: int = 0) -> None:
@@ -59,7 +65,8 @@ class ZerothOrder(Estimator):
         """``θ += scale·z``; with ``grad_coeff``, also ``.grad += grad_coeff·z`` (same draw)."""
         for i, (_, p) in enumerate(self.trainable()):
             z = sampler.dense(i, p, 1)[0]
-            p.add_(z, alpha=scale)
+            if scale != 0.0:
+                p.add_(z, alpha=scale)
             if grad_coeff is not None:
                 p.grad.add_(z, alpha=grad_coeff)
 
@@ -72,14 +79,19 @@ class ZerothOrder(Estimator):
 
     def directional(self, sampler: DirectionSampler, inputs: Tensor, targets: Tensor
                     ) -> tuple[float, float]:
-        """One direction: ``(loss estimate, weight of z in g before the 1/K)``; θ ends at
-        ``θ + ε z`` and the caller's final ``_perturb`` restores it."""
+        """One direction: ``(loss estimate, raw number)``, the raw number being linear in the
+        loss (so that it can be averaged over processes); θ ends at ``θ + ε z`` and the
+        caller's final ``_perturb`` restores it."""
         eps = self.epsilon
         self._perturb(sampler, +eps)
         plus = self._loss(inputs, targets)
         self._perturb(sampler, -2 * eps)
         minus = self._loss(inputs, targets)
         return (plus + minus) / 2, (plus - minus) / (2 * eps)
+
+    def coefficient(self, raw: float) -> float:
+        """Weight of ``z`` in ``g`` before the 1/K, from :meth:`directional`'s raw number."""
+        return raw
 
     def restore_shift(self) -> float:
         """Where ``directional`` leaves θ, in units of ε·z (restored by ``-shift``)."""
@@ -98,15 +110,37 @@ class ZerothOrder(Estimator):
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad.zero_()
+        if self.reduce is not None:
+            return self._estimate_reduced(inputs, targets)
         losses, coeffs = [], []
         for sampler in self._samplers():
-            loss, c = self.directional(sampler, inputs, targets)
+            loss, raw = self.directional(sampler, inputs, targets)
+            c = self.coefficient(raw)
             # restore θ and accumulate c/K · z into .grad from the same draw
             self._perturb(sampler, -self.restore_shift() * self.epsilon, c / self.directions)
             losses.append(loss)
             coeffs.append(c)
         d = torch.tensor(coeffs)
         return {"loss": sum(losses) / len(losses), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
+
+    def _estimate_reduced(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
+        """As ``_estimate``, but the K raw numbers of all processes are combined (one
+        ``reduce`` call) before any ``z`` enters ``.grad``: θ is restored after each
+        direction, and the directions are drawn once more to form ``g``."""
+        samplers = self._samplers()
+        losses, raws = [], []
+        for sampler in samplers:
+            loss, raw = self.directional(sampler, inputs, targets)
+            self._perturb(sampler, -self.restore_shift() * self.epsilon)
+            losses.append(loss)
+            raws.append(raw)
+        mean_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+        mean_loss, raw_all = self.reduce(mean_loss, torch.tensor(raws, dtype=torch.float64))
+        coeffs = [self.coefficient(r) for r in raw_all.tolist()]
+        for sampler, c in zip(samplers, coeffs, strict=True):
+            self._perturb(sampler, 0.0, c / self.directions)
+        d = torch.tensor(coeffs)
+        return {"loss": mean_loss.item(), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
 
 @register("zo-sign")
@@ -119,7 +153,10 @@ class ZerothOrderSign(ZerothOrder):
 
     def directional(self, sampler, inputs, targets):
         self._perturb(sampler, +self.epsilon)
-        return self._base, math.copysign(1.0, self._loss(inputs, targets) - self._base)
+        return self._base, self._loss(inputs, targets) - self._base
+
+    def coefficient(self, raw: float) -> float:
+        return math.copysign(1.0, raw)
 
     def restore_shift(self) -> float:
         return 1.0

@@ -37,7 +37,8 @@ from . import checkpoint, records
 
 CHECKPOINT = "checkpoint.pt"
 # Fields that may differ when resuming (they do not change the numbers a run computes).
-RESUMABLE_CHANGES = {"epochs", "progress", "device", "threads", "eval_batch_size", "data_dir"}
+RESUMABLE_CHANGES = {"epochs", "progress", "device", "threads", "eval_batch_size", "data_dir",
+                     "dist_timeout"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -127,6 +128,10 @@ def train(config: TrainConfig, *, resume: bool = False,
           log: Callable[[str], None] = print) -> RunResult:
     """Train ``config`` and write its run directory; ``resume`` continues a stopped run."""
     config.validate()
+    if config.distributed:  # this process is one rank of a torchrun group
+        from ..distributed.train import train_distributed
+
+        return train_distributed(config, resume=resume, log=log)
     config, run_dir = prepare_run_dir(config, resume)
     if config.threads:
         torch.set_num_threads(config.threads)

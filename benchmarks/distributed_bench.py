@@ -1,0 +1,298 @@
+"""Distributed benchmarks: bytes per step, step time with 1/2/4 processes, stage timelines.
+
+    python benchmarks/distributed_bench.py data      [--processes 1 2 4] [--steps 20]
+    python benchmarks/distributed_bench.py stages    [--stages 4] [--steps 12]
+    python benchmarks/distributed_bench.py all
+
+Every measurement is a real ``torchrun --standalone`` group on this machine (gloo, one thread
+per process) running the package's own workers on MNIST batches, with the MLP of the core
+benchmarks (784-1024-1024-10, P = 1,863,690) for ``data`` and a deeper one (784-1024×4-10) cut
+into pipeline stages for ``stages``. Results go to benchmarks/out/distributed/:
+
+- ``data.csv`` / ``data.md``: seed-synchronized fg-w and zo vs DDP backprop, per process count:
+  payload bytes each rank hands to collectives per step (counted at the calls, and in DDP's
+  communication hook), the ring-algorithm wire bytes derived from them, and the median step
+  time (rank 0, after warm-up). The global batch is fixed (strong scaling).
+- ``timeline.csv`` / ``timeline.md`` / ``timeline.png``: every phase of every stage during
+  the median step of a stage-sharded run, forward gradient vs backprop through the same
+  stages, times relative to the step's start (``perf_counter``, one clock for all processes
+  of a machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out" / "distributed"
+DATA_DIR = HERE.parent.parent / "shared" / "data" / "mnist"
+
+DATA_METHODS = [  # label, method, options
+    ("bp (DDP)", "bp", {}),
+    ("fg-w K=1", "fg-w", {"directions": 1}),
+    ("fg-w K=16", "fg-w", {"directions": 16}),
+    ("zo K=1", "zo", {"directions": 1}),
+]
+STAGE_METHODS = [("bp", "bp", {}), ("fg-w K=1", "fg-w", {"directions": 1}),
+                 ("fg-w K=4 rank1", "fg-w", {"directions": 4, "distribution": "rank1"})]
+
+
+# -- one rank (run by torchrun) -----------------------------------------------------------------
+def worker(args: argparse.Namespace) -> None:
+    from forwardonly import build_model, load_dataset, make_estimator
+    from forwardonly.data import standardize
+    from forwardonly.distributed import DataParallelWorker, LaunchEnv, Session, StageWorker
+
+    torch.set_num_threads(1)
+    options = json.loads(args.options)
+    data = standardize(load_dataset("mnist", args.data_dir))
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(data.train_x), generator=gen)
+    with Session(LaunchEnv.from_environ(), timeout=300.0) as s:
+        torch.manual_seed(0)
+        model = build_model("mlp", (1, 28, 28), 10, widths=args.widths)
+
+        def make(m: torch.nn.Module) -> Any:
+            return make_estimator(args.method, m, F.cross_entropy, seed=0, **options)
+
+        timeline: list[Any] = []
+        if args.mode == "data":
+            w: Any = DataParallelWorker(make(model), s)
+        else:
+            w = StageWorker(model, make, s, timeline=timeline)
+        opt = torch.optim.SGD([p for p in w.module.parameters() if p.requires_grad], lr=1e-3)
+        times, traffic = [], []
+        for step in range(args.warmup + args.steps):
+            idx = order[step * args.batch:(step + 1) * args.batch]
+            s.comm.barrier("step start")  # every rank starts the step together
+            s.comm.reset_traffic()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=False)
+            w.step(data.train_x, data.train_y, idx)
+            u0 = time.perf_counter()
+            opt.step()
+            t1 = time.perf_counter()
+            if args.mode == "stages":
+                from forwardonly.distributed import Phase
+
+                timeline.append(Phase(w.estimator.steps_done, s.rank, "update", u0, t1))
+            counts = s.comm.reset_traffic()
+            if step >= args.warmup:
+                times.append(t1 - t0)
+                traffic.append({op: vars(c) for op, c in counts.items()})
+        result = {"rank": s.rank, "world": s.world_size, "times": times, "traffic": traffic,
+                  "params": sum(p.numel() for p in model.parameters()),
+                  "timeline": [vars(p) for p in timeline if p.step > args.warmup],
+                  "stages": getattr(w, "describe", [])}
+    Path(f"{args.json}.{result['rank']}").write_text(json.dumps(result))
+
+
+def launch(processes: int, mode: str, method: str, options: dict[str, Any],
+           widths: list[int], batch: int, steps: int, warmup: int, data_dir: str
+           ) -> list[dict[str, Any]]:
+    """Run one torchrun group; every rank's result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "r")
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+               "--nproc-per-node", str(processes), __file__, "worker", "--mode", mode,
+               "--method", method, "--options", json.dumps(options), "--widths",
+               *map(str, widths), "--batch", str(batch), "--steps", str(steps), "--warmup",
+               str(warmup), "--data-dir", data_dir, "--json", out]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(processes)]
+
+
+# -- data parallel: bytes and step time ---------------------------------------------------------
+def wire_bytes(op: str, payload: int, world: int) -> float:
+    """Bytes one rank sends on the wire for ``payload`` bytes with a ring algorithm."""
+    if world == 1:
+        return 0.0
+    if op == "all_reduce":
+        return 2 * (world - 1) / world * payload  # reduce-scatter + all-gather
+    if op == "all_gather":
+        return (world - 1) * payload  # its own block travels to everyone
+    return float(payload)
+
+
+def data_section(a: argparse.Namespace) -> None:
+    rows = []
+    for processes in a.processes:
+        for label, method, options in DATA_METHODS:
+            ranks = launch(processes, "data", method, options, [1024, 1024], a.batch, a.steps,
+                           a.warmup, a.data_dir)
+            r0 = ranks[0]
+            per_step = r0["traffic"][-1]  # identical every step
+            payload = sum(c["sent"] for c in per_step.values())
+            wire = sum(wire_bytes(op, c["sent"], processes) for op, c in per_step.items())
+            ops = ", ".join(f"{c['calls']}× {op}" for op, c in sorted(per_step.items()))
+            rows.append({"method": label, "processes": processes, "global_batch": a.batch,
+                         "params": r0["params"],
+                         "step_ms": round(1e3 * statistics.median(r0["times"]), 2),
+                         "payload_bytes_per_rank": payload,
+                         "wire_bytes_per_rank_ring": round(wire),
+                         "collectives": ops or "none"})
+            print(rows[-1], flush=True)
+    write_csv(OUT / "data.csv", rows)
+    p = rows[0]["params"]
+    md = ["### Distributed data parallel: bytes per step and step time "
+          f"(MLP 784-1024-1024-10, P = {p:,}; global batch {a.batch}; gloo on one machine)\n",
+          f"Payload = bytes each rank hands to collectives per step, counted at the calls (DDP: "
+          f"in its communication hook); 4·P = {4 * p:,}. Wire = what a ring algorithm sends "
+          f"per rank for that payload. Step time: median of {a.steps} steps on rank 0 (one "
+          f"thread per process).\n",
+          "| method | processes | step (ms) | payload / rank / step (B) | wire / rank / step, "
+          "ring (B) | collectives per step |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['method']} | {r['processes']} | {r['step_ms']:.1f} | "
+                  f"{r['payload_bytes_per_rank']:,} | {r['wire_bytes_per_rank_ring']:,} | "
+                  f"{r['collectives']} |")
+    cores = os.cpu_count()
+    md.append(f"\nThis machine has {cores} CPU cores shared with other work: with more "
+              f"processes than free cores the step time cannot fall; the byte counts do not "
+              f"depend on the machine.\n")
+    (OUT / "data.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+# -- stages: the measured timeline --------------------------------------------------------------
+def stages_section(a: argparse.Namespace) -> None:
+    widths = [1024] * 4
+    rows, summary, describe = [], [], []
+    for label, method, options in STAGE_METHODS:
+        ranks = launch(a.stages, "stages", method, options, widths, a.batch, a.steps,
+                       a.warmup, a.data_dir)
+        describe = ranks[0]["stages"]
+        phases = [p for r in ranks for p in r["timeline"]]
+        steps = sorted({p["step"] for p in phases})
+        spans = {st: (min(p["start"] for p in phases if p["step"] == st),
+                      max(p["end"] for p in phases if p["step"] == st)) for st in steps}
+        median_step = sorted(steps, key=lambda st: spans[st][1] - spans[st][0])[len(steps) // 2]
+        t0, t1 = spans[median_step]
+        for p in phases:
+            if p["step"] == median_step:
+                rows.append({"method": label, "stage": p["stage"], "phase": p["phase"],
+                             "start_ms": round(1e3 * (p["start"] - t0), 3),
+                             "end_ms": round(1e3 * (p["end"] - t0), 3)})
+        mine = [r for r in rows if r["method"] == label]
+        busy = {st: sum(r["end_ms"] - r["start_ms"] for r in mine
+                        if r["stage"] == st and not r["phase"].startswith(("wait", "receive")))
+                for st in range(a.stages)}
+        updates = [r for r in mine if r["phase"] == "update"]
+        summary.append({"method": label, "makespan_ms": round(1e3 * (t1 - t0), 2),
+                        "first_update_ms": min(r["start_ms"] for r in updates),
+                        "last_update_ms": max(r["start_ms"] for r in updates),
+                        "busy_ms": [round(busy[st], 2) for st in range(a.stages)],
+                        "bytes_sent_stage0": ranks[0]["traffic"][-1].get("send", {})
+                        .get("sent", 0)})
+        print(summary[-1], flush=True)
+    write_csv(OUT / "timeline.csv", rows)
+    md = [f"### Stage-sharded step, measured: forward gradient vs backprop through the same "
+          f"{a.stages} stages (MLP 784-1024×4-10, batch {a.batch}, gloo, one process per "
+          f"stage)\n",
+          "Stages: " + "; ".join(describe) + ".\n",
+          f"The median step (of {a.steps}) by makespan; times from the step's start. Busy = "
+          f"computing or sending (not waiting). Updates start when a stage knows its gradient "
+          f"estimate: all at once after the broadcast of d for forward gradient, stage by stage "
+          f"as the backward pass arrives for backprop.\n",
+          "| method | step makespan (ms) | first update starts (ms) | last update starts (ms) "
+          "| busy per stage (ms) | stage 0 sends / step (B) |",
+          "|---|---|---|---|---|---|"]
+    for s in summary:
+        md.append(f"| {s['method']} | {s['makespan_ms']:.1f} | {s['first_update_ms']:.1f} | "
+                  f"{s['last_update_ms']:.1f} | {' / '.join(f'{b:.1f}' for b in s['busy_ms'])} | "
+                  f"{s['bytes_sent_stage0']:,} |")
+    md.append("\n![stage timeline](benchmarks/out/distributed/timeline.png)\n")
+    (OUT / "timeline.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    plot_timeline(rows, a.stages)
+
+
+def plot_timeline(rows: list[dict[str, Any]], stages: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {"forward": "tab:blue", "forward+tangents": "tab:purple", "loss": "tab:olive",
+              "backward": "tab:red", "update": "tab:green", "combine": "tab:cyan",
+              "send": "tab:orange", "receive": "lightgrey", "wait for d": "whitesmoke",
+              "wait for gradient": "whitesmoke"}
+    fig, axes = plt.subplots(len(methods), 1, figsize=(10, 1.2 + 0.9 * stages * len(methods)),
+                             sharex=True, squeeze=False)
+    for ax, method in zip(axes[:, 0], methods, strict=True):
+        for r in rows:
+            if r["method"] != method:
+                continue
+            ax.barh(r["stage"], r["end_ms"] - r["start_ms"], left=r["start_ms"],
+                    color=colors.get(r["phase"], "grey"), edgecolor="black", linewidth=0.3,
+                    label=r["phase"])
+        ax.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
+        ax.invert_yaxis()
+        ax.set_title(method, loc="left", fontsize=10)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, ncol=4, loc="lower right")
+    axes[-1, 0].set_xlabel("ms since the step started (measured, one process per stage)")
+    fig.tight_layout()
+    fig.savefig(OUT / "timeline.png", dpi=110)
+    plt.close(fig)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(rows[0])
+    lines = [",".join(keys)] + [",".join(str(r[k]).replace(",", ";") for k in keys)
+                                for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="section", required=True)
+    for name in ("data", "stages", "all"):
+        p = sub.add_parser(name)
+        p.add_argument("--data-dir", default=str(DATA_DIR))
+        p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+        p.add_argument("--stages", type=int, default=4)
+        p.add_argument("--batch", type=int, default=256)
+        p.add_argument("--steps", type=int, default=20)
+        p.add_argument("--warmup", type=int, default=3)
+    w = sub.add_parser("worker", help="one rank (started by torchrun)")
+    w.add_argument("--mode", choices=("data", "stages"), required=True)
+    w.add_argument("--method", required=True)
+    w.add_argument("--options", default="{}")
+    w.add_argument("--widths", type=int, nargs="+", required=True)
+    w.add_argument("--batch", type=int, required=True)
+    w.add_argument("--steps", type=int, required=True)
+    w.add_argument("--warmup", type=int, required=True)
+    w.add_argument("--data-dir", required=True)
+    w.add_argument("--json", required=True)
+    a = parser.parse_args()
+    if a.section == "worker":
+        worker(a)
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    if a.section in ("data", "all"):
+        data_section(a)
+    if a.section in ("stages", "all"):
+        stages_section(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""Sharded layers: the model's layers split over the ranks as pipeline stages.
+
+An ``nn.Sequential`` model (``mlp``, ``cnn``; nested ones are flattened) is cut into W
+contiguous stages, one per rank, balanced by parameter count; a rank holds only its own
+layers' parameters and optimizer state ("parameter server" of its shard).
+
+**Forward gradient** (``fg-w``, ``fg-sign``). Stage ``s`` draws the directions of its own
+tensors from ``(seed, step, tensor index)`` — the index counted over the whole model, so they
+are exactly the directions a single process draws — runs its layers on the activation ``h``
+and its K tangents ``ḣ`` received from stage ``s-1`` (Baydin et al. 2022, forward mode), and
+sends ``(h, ḣ)`` on to stage ``s+1``. The last stage computes the loss and the K directional
+derivatives ``d_k = ∇L·v_k`` and broadcasts those K + 1 numbers; then every stage forms its
+share of ``g = (1/K) Σ_k c(d_k) v_k`` by redrawing its own ``v_k`` and updates at once.
+Nothing travels backward.
+
+**Backprop** (``bp``), the baseline, through the same stages: activations forward, then the
+gradient with respect to each stage's input backward, stage by stage (the loss rides along
+with the gradient); a stage updates as soon as its own backward pass is done.
+
+Both compute exactly what the single-process run computes, op for op: the same parameters
+come out. Messages carry a small header, then ``h`` (B × width floats) and, for forward
+gradient, ``ḣ`` (K × B × width floats) — a forward-gradient pipeline moves K + 1 activations
+per boundary and step, backprop two (one each way).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..directions import DirectionSampler, Rank1
+from ..estimators import Backprop, Estimator, ForwardGradient
+from ..estimators.base import set_grad
+from ..forward_mode import _RULES, _batched_jvp, _generic_layer, _naming, sequential_layers
+from .runtime import Session
+
+STAGE_METHODS = ("fg-w", "fg-sign", "bp")
+Layer = tuple[str, nn.Module]
+
+
+def trainable_count(module: nn.Module) -> tuple[int, int]:
+    """``(tensors, elements)`` of the trainable parameters of ``module``."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return len(params), sum(p.numel() for p in params)
+
+
+def split_stages(model: nn.Module, stages: int) -> list[list[Layer]]:
+    """Cut ``model``'s layers into ``stages`` contiguous groups, balanced by parameters.
+
+    A stage starts at a layer with trainable parameters; parameter-free layers (activations,
+    pooling, flatten) stay with the layer before them (leading ones with the first stage).
+    Among all such cuts, the one with the smallest largest stage (in parameters) is taken.
+    """
+    layers = sequential_layers(model)
+    if layers is None:
+        raise ConfigError(f"--distributed stages cuts an nn.Sequential model into pipeline "
+                          f"stages, but the model is a {type(model).__name__}; use a "
+                          f"sequential model (mlp, cnn) or --distributed data")
+    units: list[list[Layer]] = []
+    for name, layer in layers:
+        if trainable_count(layer)[1] > 0 or not units:
+            units.append([(name, layer)])
+        else:
+            units[-1].append((name, layer))
+    if len(units) > 1 and trainable_count(nn.ModuleList(m for _, m in units[0]))[1] == 0:
+        units[1] = units[0] + units[1]
+        units = units[1:]
+    costs = [trainable_count(nn.ModuleList(m for _, m in u))[1] for u in units]
+    if len(units) < stages or costs[0] == 0:
+        raise ConfigError(f"--distributed stages with {stages} ranks needs at least {stages} "
+                          f"layers with trainable parameters, the model has {len(units)}; "
+                          f"start fewer processes (--nproc-per-node) or use a deeper model")
+    cuts = _balanced_cuts(costs, stages)
+    return [[layer for u in units[a:b] for layer in u] for a, b in pairwise(cuts)]
+
+
+def _balanced_cuts(costs: list[int], parts: int) -> list[int]:
+    """Boundaries ``0 = c_0 < ... < c_parts = n`` minimizing the largest part's sum."""
+    n = len(costs)
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: smallest possible largest part when the first i units form s parts
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    back = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for s in range(1, parts + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                cost = max(best[s - 1][j], prefix[i] - prefix[j])
+                if cost < best[s][i]:
+                    best[s][i], back[s][i] = cost, j
+    cuts = [n]
+    for s in range(parts, 0, -1):
+        cuts.append(back[s][cuts[-1]])
+    return cuts[::-1]
+
+
+def run_layers(layers: list[Layer], h: Tensor, h_dot: Tensor | None,
+               tangent: Callable[[nn.Parameter], Tensor | Rank1], k: int
+               ) -> tuple[Tensor, Tensor | None]:
+    """Carry ``(h, ḣ)`` through ``layers`` with the forward-mode rules of a single process."""
+    for name, layer in layers:
+        rule = _RULES.get(type(layer), _generic_layer)
+        with _naming(name, layer):
+            h, h_dot = rule(layer, h, h_dot, tangent, k)
+    return h, h_dot
+
+
+def loss_and_derivatives(loss_fn: Callable[[Tensor, Tensor], Tensor], h: Tensor,
+                         h_dot: Tensor | None, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The loss and its K directional derivatives from the last activation and tangents."""
+    with _naming("loss_fn", loss_fn):
+        if h_dot is None:
+            return loss_fn(h, y), torch.zeros(k, dtype=h.dtype, device=h.device)
+        return _batched_jvp(lambda z: loss_fn(z, y), h, h_dot, k)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One bar of a stage's timeline (``perf_counter`` seconds, comparable across the
+    processes of one machine)."""
+
+    step: int
+    stage: int
+    phase: str
+    start: float
+    end: float
+
+
+def merge_optimizer_states(states: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
+    """The per-stage optimizer states as the one state a single-process optimizer over the
+    whole model has (its parameter indices run over all stages in order)."""
+    merged: dict[int, Any] = {}
+    offset = 0
+    for state, n in zip(states, counts, strict=True):
+        if len(state["param_groups"]) != 1:
+            raise ValueError("stage checkpoints support optimizers with one parameter group")
+        for i, s in state["state"].items():
+            merged[offset + int(i)] = s
+        offset += n
+    group = dict(states[0]["param_groups"][0], params=list(range(offset)))
+    return {"state": merged, "param_groups": [group]}
+
+
+def split_optimizer_state(state: dict[str, Any], offset: int, count: int) -> dict[str, Any]:
+    """Stage ``[offset, offset + count)``'s share of a whole-model optimizer state."""
+    group = dict(state["param_groups"][0], params=list(range(count)))
+    mine = {int(i) - offset: s for i, s in state["state"].items()
+            if offset <= int(i) < offset + count}
+    return {"state": mine, "param_groups": [group]}
+
+
+class StageWorker:
+    """One rank of a stage-sharded run (see the module docstring).
+
+    Arguments:
+        model: the whole model, built identically on every rank; this rank keeps its stage.
+        make_estimator: builds the estimator (``fg-w``, ``fg-sign`` or ``bp``) over a module,
+            with the run's settings; it holds K, the distribution, the seed and the step count.
+        session: the rank's :class:`Session`.
+        timeline: when a list, every phase of every step is appended to it (:class:`Phase`).
+    """
+
+    def __init__(self, model: nn.Module, make_estimator: Callable[[nn.Module], Estimator],
+                 session: Session, *, timeline: list[Phase] | None = None) -> None:
+        s = session
+        stages = split_stages(model, s.world_size)
+        self.session, self.timeline = s, timeline
+        self.layers = stages[s.rank]
+        self.module = nn.Sequential(*[m for _, m in self.layers])
+        self.counts = [trainable_count(nn.ModuleList(m for _, m in st))[0] for st in stages]
+        self.offset = sum(self.counts[:s.rank])
+        self.first, self.last = s.rank == 0, s.rank == s.world_size - 1
+        self.est = make_estimator(self.module)
+        if not isinstance(self.est, ForwardGradient | Backprop) or \
+                self.est.name not in STAGE_METHODS:
+            raise ConfigError(f"--distributed stages trains with {', '.join(STAGE_METHODS)}; "
+                              f"got method {self.est.name!r} (use --distributed data for it)")
+        self.describe = [f"stage {r}: layers {st[0][0]}..{st[-1][0]} "
+                         f"({trainable_count(nn.ModuleList(m for _, m in st))[1]:,} parameters)"
+                         for r, st in enumerate(stages)]
+
+    @property
+    def estimator(self) -> Estimator:
+        return self.est
+
+    def phase(self, name: str) -> Any:
+        if self.timeline is None:
+            return nullcontext()
+        return self._record(name)
+
+    @contextmanager
+    def _record(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            assert self.timeline is not None
+            self.timeline.append(Phase(self.est.steps_done + 1, self.session.rank, name, t0,
+                                       time.perf_counter()))
+
+    # -- one training step -------------------------------------------------------------------
+    def step(self, x: Tensor, y: Tensor, idx: Tensor) -> dict[str, float]:
+        """One step on the global batch ``idx``: stage 0 reads ``x[idx]``, the last stage
+        ``y[idx]``; every rank gets the batch's stats."""
+        if isinstance(self.est, ForwardGradient):
+            stats = self._forward_gradient_step(x, y, idx)
+        else:
+            stats = self._backprop_step(x, y, idx)
+        self.est.steps_done += 1
+        return stats
+
+    def _forward_gradient_step(self, x: Tensor, y: Tensor, idx: Tensor) -> dict[str, float]:
+        est, s = self.est, self.session
+        assert isinstance(est, ForwardGradient)
+        k, label = est.directions, f"step {est.steps_done + 1}"
+        sampler = DirectionSampler(est.distribution, est.step_seed())
+        params = [p for _, p in est.trainable()]
+        index = {id(p): i for i, p in enumerate(params)}
+        in_grad: set[int] = set()
+
+        def tangent(p: nn.Parameter) -> Tensor | Rank1:  # as ForwardGradient, global indices
+            i = index[id(p)]
+            if sampler.is_rank1(p.shape):
+                return sampler.rank1(self.offset + i, p, k)
+            if k == 1:
+                if p.grad is None or p.grad.shape != p.shape:
+                    p.grad = torch.empty_like(p)
+                in_grad.add(i)
+                return sampler.dense(self.offset + i, p, 1, out=p.grad.unsqueeze(0))
+            return sampler.dense(self.offset + i, p, k)
+
+        with self.phase("receive"):
+            if self.first:
+                h, h_dot = x[idx].to(s.device), None
+            else:
+                h, h_dot = s.comm.recv(s.rank - 1, f"activations and tangents, {label}")
+        with self.phase("forward+tangents"), torch.no_grad():
+            h, h_dot = run_layers(self.layers, h, h_dot, tangent, k)
+        if self.last:
+            with self.phase("loss"), torch.no_grad():
+                loss, d = loss_and_derivatives(est.loss_fn, h, h_dot, y[idx].to(s.device), k)
+                scalars = torch.cat([loss.reshape(1), d])  # (K + 1,)
+        else:
+            with self.phase("send"):
+                s.comm.send([h, h_dot], s.rank + 1, f"activations and tangents, {label}")
+            scalars = torch.empty(k + 1, dtype=h.dtype, device=s.device)
+        with self.phase("wait for d"):
+            s.comm.broadcast(scalars, s.world_size - 1, f"broadcast of d, {label}")
+        loss, d = scalars[0], scalars[1:]
+        coeffs = est.coefficients(d)
+        with self.phase("combine"), torch.no_grad():
+            for i, p in enumerate(params):
+                if i in in_grad:
+                    p.grad.mul_(coeffs[0])
+                else:
+                    set_grad(p, sampler.combine(self.offset + i, p, coeffs))
+        return {"loss": loss.item(), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
+
+    def _backprop_step(self, x: Tensor, y: Tensor, idx: Tensor) -> dict[str, float]:
+        est, s = self.est, self.session
+        label = f"step {est.steps_done + 1}"
+        params = [p for _, p in est.trainable()]
+        for p in params:
+            p.grad = None
+        with self.phase("receive"):
+            if self.first:
+                h_in = x[idx].to(s.device)
+            else:
+                (h_in,) = s.comm.recv(s.rank - 1, f"activations, {label}")
+                h_in.requires_grad_(True)
+        with self.phase("forward"), torch.enable_grad():
+            out = self.module(h_in)
+            if self.last:
+                loss = est.loss_fn(out, y[idx].to(s.device))
+        if self.last:
+            with self.phase("backward"):
+                loss.backward()
+            loss = loss.detach().reshape(1)
+        else:
+            with self.phase("send"):
+                s.comm.send([out.detach()], s.rank + 1, f"activations, {label}")
+            with self.phase("wait for gradient"):
+                grad_out, loss = s.comm.recv(s.rank + 1, f"gradient, {label}")
+            with self.phase("backward"):
+                out.backward(grad_out)
+        if not self.first:
+            with self.phase("send"):
+                s.comm.send([h_in.grad, loss], s.rank - 1, f"gradient, {label}")
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return {"loss": loss.item()}
+
+    # -- the rest of the loop ----------------------------------------------------------------
+    @torch.no_grad()
+    def error_rate(self, x: Tensor, y: Tensor, batch_size: int, label: str) -> float:
+        """Fraction misclassified, the batches flowing through the pipeline."""
+        s = self.session
+        was_training = self.module.training
+        self.module.eval()
+        wrong = 0
+        for i in range(0, len(x), batch_size):
+            h = x[i:i + batch_size].to(s.device) if self.first else \
+                s.comm.recv(s.rank - 1, f"{label}, batch {i // batch_size}")[0]
+            h = self.module(h)
+            if self.last:
+                wrong += int((h.argmax(-1) != y[i:i + batch_size].to(s.device)).sum().item())
+            else:
+                s.comm.send([h], s.rank + 1, f"{label}, batch {i // batch_size}")
+        self.module.train(was_training)
+        total = torch.tensor([wrong], dtype=torch.int64, device=s.device)
+        s.comm.broadcast(total, s.world_size - 1, label)
+        return int(total.item()) / max(1, len(x))
+
+    def clip_grad(self, max_norm: float) -> None:
+        """Clip by the norm of the whole model's gradient (one all-reduce of the per-tensor
+        norms; the same formula as ``torch.nn.utils.clip_grad_norm_``)."""
+        params = [p for _, p in self.est.trainable()]
+        s = self.session
+        norms = torch.zeros(sum(self.counts), dtype=torch.float32, device=s.device)
+        if params:
+            norms[self.offset:self.offset + len(params)] = torch.stack(
+                [torch.linalg.vector_norm(p.grad).float() for p in params])
+        norms = s.comm.all_reduce(norms, f"gradient norms, step {self.est.steps_done}")
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.linalg.vector_norm(norms))
+
+    def all_finite(self, label: str) -> bool:
+        ok = all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
+        return self.session.all_true(ok, label)
+
+    def check_in_sync(self, label: str) -> None:
+        """Nothing to check: each rank holds different parameters."""
+
+    def _stage_state(self) -> dict[str, Tensor]:
+        return {f"{name}.{key}": value.detach().cpu()
+                for name, layer in self.layers for key, value in layer.state_dict().items()}
+
+    def model_state(self) -> dict[str, Tensor] | None:
+        """The whole model's state dict on rank 0 (gathered), ``None`` elsewhere."""
+        parts = self.session.comm.gather_objects(self._stage_state(), 0, "gathering the model")
+        if parts is None:
+            return None
+        return {k: v for part in parts for k, v in part.items()}
+
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """The whole model's optimizer state on rank 0 (as a single process has it)."""
+        state = _to_cpu(opt.state_dict())
+        parts = self.session.comm.gather_objects(state, 0, "gathering the optimizer state")
+        return None if parts is None else merge_optimizer_states(parts, self.counts)
+
+    def load_optimizer_state(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        opt.load_state_dict(split_optimizer_state(state, self.offset,
+                                                  self.counts[self.session.rank]))
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
