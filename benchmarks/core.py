@@ -11,13 +11,15 @@ Results go to benchmarks/results/core_<section>.csv and .md.
 Timings are ratios to a backprop step measured in the same process, methods interleaved
 round by round, medians over rounds (the machine is shared; absolute times are noisy).
 Peak memory is the peak resident set size (``ru_maxrss``) of a fresh process that builds the
-model and runs two steps: it includes the interpreter and torch (~the same for all rows).
+model and runs two steps, with glibc told to serve large blocks by mmap so freed memory leaves
+the resident set; it includes the interpreter and torch (~the same for all rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -89,7 +91,11 @@ def step_time(rounds: int, batches: list[int]) -> None:
     write("step_time", rows, "\n".join(md) + "\n")
 
 
-MEMORY_METHODS = ["inference", "bp", "fg-w", "fg-w rank1", "zo"]
+MEMORY_METHODS = ["inference", "bp", "fg-w", "fg-w rank1", "zo", "fg-w inplace",
+                  "fg-w rank1 inplace", "zo inplace"]
+# Large blocks straight from mmap, so freed memory leaves the resident set at once and the
+# peak RSS tracks the peak of live tensors (not glibc's heap fragmentation).
+MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def memory_child(method: str, depth: int, width: int, batch: int) -> None:
@@ -102,10 +108,15 @@ def memory_child(method: str, depth: int, width: int, batch: int) -> None:
         if method == "inference":
             with torch.no_grad():
                 F.cross_entropy(model(x), y)
-        else:
-            name, _, dist = method.partition(" ")
-            opts = {"distribution": dist} if dist else {}
-            make_estimator(name, model, F.cross_entropy, **opts).step(x, y)
+        else:  # "<method> [distribution] [inplace]"
+            name, *rest = method.split()
+            dists = [r for r in rest if r != "inplace"]
+            opts = {"distribution": dists[0]} if dists else {}
+            est = make_estimator(name, model, F.cross_entropy, **opts)
+            if "inplace" in rest:  # optimizer sgd-inplace: no gradient buffer
+                est.sgd_step(x, y, lr=1e-3)
+            else:
+                est.step(x, y)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rss_after_model_mib": rss_model, "peak_mib": peak}))
 
@@ -116,7 +127,7 @@ def memory(depths: list[int], width: int, batch: int) -> None:
         for method in MEMORY_METHODS:
             out = subprocess.run(
                 [sys.executable, __file__, "memory-child", method, str(depth), str(width),
-                 str(batch)], capture_output=True, text=True, check=True)
+                 str(batch)], capture_output=True, text=True, check=True, env=MALLOC_ENV)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append({"depth": depth, "method": method,
                          "params_mib": round(depth * (width * width + width) * 4 / 2**20, 1),
@@ -129,7 +140,9 @@ def memory(depths: list[int], width: int, batch: int) -> None:
     md = [f"### Peak memory of one training step (MLP width {width}, batch {batch})\n",
           "Peak RSS of a fresh process (MiB; includes ~the interpreter and torch); "
           "ratio to plain inference at the same depth. Target: fg-w and zo ≤ 1.3× "
-          "inference at every depth.\n",
+          "inference at every depth. *inplace* = `--optimizer sgd-inplace` (the update is "
+          "redrawn into the parameters; no `.grad`); the others fill `.grad` for a "
+          "`torch.optim` optimizer.\n",
           "| depth | params MiB | " + " | ".join(MEMORY_METHODS) + " |",
           "|---|---|" + "---|" * len(MEMORY_METHODS)]
     for depth in depths:
@@ -142,10 +155,10 @@ def memory(depths: list[int], width: int, batch: int) -> None:
 
 MNIST_RUNS = [
     ("bp", {"method": "bp", "lr": 1e-3}),
-    ("fg-w K=1", {"method": "fg-w", "directions": 1, "lr": 1e-4}),
+    ("fg-w K=1", {"method": "fg-w", "directions": 1, "lr": 3e-4}),
     ("fg-w K=16 rank1", {"method": "fg-w", "directions": 16, "distribution": "rank1",
                          "lr": 3e-4}),
-    ("zo K=4", {"method": "zo", "directions": 4, "lr": 1e-4}),
+    ("zo K=4", {"method": "zo", "directions": 4, "lr": 3e-4}),
 ]
 
 
@@ -154,15 +167,13 @@ def mnist(epochs: int, data_dir: str, widths: list[int]) -> None:
 
     rows = []
     for label, opts in MNIST_RUNS:
-        out = RESULTS / "runs" / f"mnist-{label.replace(' ', '').replace('=', '')}"
+        tag = label.replace(" ", "").replace("=", "")
+        out = RESULTS / "runs" / f"mnist-{tag}-lr{opts['lr']}-e{epochs}"
         cfg = from_dict({"dataset": "mnist", "data_dir": data_dir, "widths": widths,
                          "batch_size": 64, "epochs": epochs, "progress": False,
                          "out": str(out), **opts})
-        if (out / "checkpoint.pt").exists():
-            import shutil
-
-            shutil.rmtree(out)
-        result = forwardonly.train(cfg)
+        # A stopped (or finished) run continues from its checkpoint.
+        result = forwardonly.train(cfg, resume=(out / "checkpoint.pt").exists())
         rows.append({"method": label, "epochs": epochs, "lr": opts["lr"],
                      "test_error_pct": round(100 * result.test_error, 2),
                      "train_error_pct": round(100 * result.rows[-1]["train_error"], 2),

@@ -1,5 +1,6 @@
 """Estimators: unbiased (or correctly biased) on average, the stated variance, reproducible."""
 
+import copy
 import math
 
 import pytest
@@ -158,3 +159,25 @@ def test_bad_inputs_are_rejected():
         est.step(x[:0], y[:0])
     with pytest.raises(ValueError, match="epsilon must be a positive"):
         make_estimator("zo", model, F.cross_entropy, epsilon=0.0)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("fg-w", {"directions": 1}), ("fg-w", {"directions": 3}),
+    ("fg-w", {"directions": 2, "distribution": "rank1"}), ("fg-sign", {"directions": 2}),
+    ("zo", {"directions": 1}), ("zo", {"directions": 3}), ("zo-sign", {"directions": 2}),
+    ("bp", {}),
+])
+def test_inplace_sgd_step_equals_step_then_sgd(method, options):
+    """sgd_step applies θ ← (1 − lr·wd)(θ − lr·g) with the same g as step(), no .grad left."""
+    lr, wd = 0.1, 0.01
+    model, x, y, _ = tiny_problem()
+    twin = copy.deepcopy(model)
+    make_estimator(method, model, F.cross_entropy, seed=3, **options).step(x, y)
+    with torch.no_grad():
+        expected = [(p - lr * p.grad) * (1 - lr * wd) for p in model.parameters()]
+    est = make_estimator(method, twin, F.cross_entropy, seed=3, **options)
+    est.sgd_step(x, y, lr=lr, weight_decay=wd)
+    for p, q in zip(twin.parameters(), expected, strict=True):
+        assert p.grad is None
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-9)
+    assert est.steps_done == 1

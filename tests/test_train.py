@@ -115,3 +115,15 @@ def test_training_lowers_error_on_digits(tmp_path):
                    log=lambda s: None)
     assert result.rows[-1]["train_loss"] < result.rows[0]["train_loss"]
     assert result.test_error < 0.15
+
+
+def test_inplace_sgd_training_lowers_the_loss(tmp_path):
+    result = train(cfg(tmp_path, epochs=3, method="zo", optimizer="sgd-inplace", lr=0.05,
+                       widths=[], batch_size=32), log=lambda s: None)
+    assert result.rows[-1]["train_loss"] < 0.8 * result.rows[0]["train_loss"]
+    assert all(p.grad is None for p in result.model.parameters())
+
+
+def test_inplace_sgd_rejects_clipping():
+    with pytest.raises(ConfigError, match="clip_grad needs a gradient buffer"):
+        from_dict({"optimizer": "sgd-inplace", "clip_grad": 1.0})

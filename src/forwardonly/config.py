@@ -58,7 +58,10 @@ class TrainConfig:
     distribution: str = _f("gaussian", "Direction distribution: gaussian, rademacher, rank1.")
     epsilon: float = _f(1e-3, "Perturbation size for zeroth-order methods.")
     # optimisation
-    optimizer: str = _f("adam", "Optimizer: adam or sgd (with --momentum).")
+    optimizer: str = _f("adam", "Optimizer: adam, sgd (with --momentum), or sgd-inplace: plain "
+                        "SGD applied inside the estimator with no gradient buffer (fg-w and "
+                        "zo redraw their directions into the parameters: about the memory of "
+                        "inference, as in MeZO).")
     lr: float = _f(1e-3, "Peak learning rate.")
     momentum: float = _f(0.9, "SGD momentum (ignored by adam).")
     weight_decay: float = _f(0.0, "Weight decay (decoupled for adam: AdamW).")
@@ -106,7 +109,10 @@ class TrainConfig:
         one_of("model", self.model, MODELS)
         one_of("method", self.method, ESTIMATORS)
         one_of("distribution", self.distribution, DISTRIBUTIONS)
-        one_of("optimizer", self.optimizer, ("adam", "sgd"))
+        one_of("optimizer", self.optimizer, ("adam", "sgd", "sgd-inplace"))
+        if self.optimizer == "sgd-inplace" and self.clip_grad is not None:
+            problems.append("clip_grad needs a gradient buffer; it cannot be combined with "
+                            "optimizer sgd-inplace")
         one_of("schedule", self.schedule, ("cosine", "constant"))
         for name in ("directions", "batch_size", "epochs", "eval_batch_size"):
             if getattr(self, name) < 1:
@@ -125,6 +131,9 @@ class TrainConfig:
             problems.append(f"clip_grad must be positive when set; got {self.clip_grad}")
         if self.distributed is not None:
             one_of("distributed", self.distributed, ("data", "stages"))
+            if self.optimizer == "sgd-inplace":
+                problems.append("optimizer sgd-inplace is single-process only; use sgd or "
+                                "adam with --distributed")
         if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
             problems.append(f"dist_timeout must be a positive number of seconds; "
                             f"got {self.dist_timeout}")

@@ -78,6 +78,38 @@ class Estimator:
     # -- the interface -------------------------------------------------------------
     def step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
         """Fill ``.grad`` of every trainable parameter; return ``{"loss": ..., ...}``."""
+        self._check_batch(inputs, targets)
+        stats = self.estimate(inputs, targets)
+        self.steps_done += 1
+        return stats
+
+    def sgd_step(self, inputs: Tensor, targets: Tensor, lr: float,
+                 weight_decay: float = 0.0) -> dict[str, float]:
+        """One plain SGD step ``θ ← (1 − lr·wd)(θ − lr·g)`` applied in place.
+
+        Estimators that can (``fg-w``, ``zo``) never materialize ``g``: they redraw each
+        tensor's directions and add ``−lr·Σ_k c_k v_k`` straight into the parameter
+        (MeZO-style), so a step needs about the memory of inference. Others fall back to
+        ``step()`` and then free ``.grad``.
+        """
+        self._check_batch(inputs, targets)
+        stats = self.estimate_inplace(inputs, targets, lr)
+        with torch.no_grad():
+            for _, p in self.trainable():
+                if p.grad is not None:  # the fallback: apply and free the estimate
+                    p.add_(p.grad, alpha=-lr)
+                    p.grad = None
+                if weight_decay:
+                    p.mul_(1.0 - lr * weight_decay)
+        self.steps_done += 1
+        return stats
+
+    def estimate_inplace(self, inputs: Tensor, targets: Tensor, lr: float) -> dict[str, float]:
+        """Apply ``θ −= lr·g`` without a gradient buffer where possible; the default fills
+        ``.grad`` (which :meth:`sgd_step` then applies and frees)."""
+        return self.estimate(inputs, targets)
+
+    def _check_batch(self, inputs: Tensor, targets: Tensor) -> None:
         if inputs.shape[0] == 0:
             raise ValueError("step() got an empty batch (0 examples); check the data loader")
         if inputs.shape[0] != targets.shape[0]:
@@ -85,9 +117,6 @@ class Estimator:
                 f"inputs and targets disagree on the batch size: "
                 f"{inputs.shape[0]} inputs vs {targets.shape[0]} targets"
             )
-        stats = self.estimate(inputs, targets)
-        self.steps_done += 1
-        return stats
 
     def estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
         raise NotImplementedError

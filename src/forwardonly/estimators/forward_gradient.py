@@ -58,6 +58,13 @@ class ForwardGradient(Estimator):
         return d / self.directions
 
     def estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
+        return self._step(inputs, targets, lr=None)
+
+    def estimate_inplace(self, inputs: Tensor, targets: Tensor, lr: float) -> dict[str, float]:
+        return self._step(inputs, targets, lr=lr)
+
+    def _step(self, inputs: Tensor, targets: Tensor, lr: float | None) -> dict[str, float]:
+        """``lr=None``: write ``g`` into ``.grad``; else ``θ −= lr·g`` with no ``g`` buffer."""
         k = self.directions
         sampler = DirectionSampler(self.distribution, self.step_seed())
         params = [p for _, p in self.trainable()]
@@ -68,7 +75,7 @@ class ForwardGradient(Estimator):
             i = index[id(p)]
             if sampler.is_rank1(p.shape):
                 return sampler.rank1(i, p, k)
-            if k == 1:  # draw straight into .grad: no second buffer, no redraw
+            if k == 1 and lr is None:  # draw straight into .grad: no second buffer, no redraw
                 if p.grad is None or p.grad.shape != p.shape:
                     p.grad = torch.empty_like(p)
                 in_grad.add(i)
@@ -81,7 +88,10 @@ class ForwardGradient(Estimator):
         coeffs = self.coefficients(d)
         with torch.no_grad():
             for i, p in enumerate(params):
-                if i in in_grad:
+                if lr is not None:
+                    p.grad = None
+                    p.add_(sampler.combine(i, p, coeffs), alpha=-lr)
+                elif i in in_grad:
                     p.grad.mul_(coeffs[0])
                 else:
                     set_grad(p, sampler.combine(i, p, coeffs))

@@ -41,6 +41,8 @@ class ZerothOrder(Estimator):
     #: numbers of :meth:`directional` — with the other processes' before the estimate is
     #: formed (set by :mod:`forwardonly.distributed`); ``None`` in a single process.
     reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    #: Set during :meth:`estimate_inplace`: the update goes into θ, not into ``.grad``.
+    _inplace_lr: float | None = None
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
                  distribution: str = "gaussian", epsilon: float = 1e-3, seed: int = 0) -> None:
@@ -62,7 +64,10 @@ class ZerothOrder(Estimator):
     @torch.no_grad()
     def _perturb(self, sampler: DirectionSampler, scale: float, grad_coeff: float | None = None
                  ) -> None:
-        """``θ += scale·z``; with ``grad_coeff``, also ``.grad += grad_coeff·z`` (same draw)."""
+        """``θ += scale·z`` and, with ``grad_coeff``, add ``grad_coeff·z`` to the estimate
+        (same draw): into ``.grad``, or — in place (MeZO) — as ``θ −= lr·grad_coeff·z``."""
+        if grad_coeff is not None and self._inplace_lr is not None:
+            scale, grad_coeff = scale - self._inplace_lr * grad_coeff, None
         for i, (_, p) in enumerate(self.trainable()):
             z = sampler.dense(i, p, 1)[0]
             if scale != 0.0:
@@ -104,13 +109,23 @@ class ZerothOrder(Estimator):
         finally:
             torch.set_rng_state(rng)
 
+    def estimate_inplace(self, inputs: Tensor, targets: Tensor, lr: float) -> dict[str, float]:
+        self._inplace_lr = lr
+        try:
+            return self.estimate(inputs, targets)
+        finally:
+            self._inplace_lr = None
+
     def _estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
         for _, p in self.trainable():
-            if p.grad is None:
+            if self._inplace_lr is not None:
+                p.grad = None
+            elif p.grad is None:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad.zero_()
-        if self.reduce is not None:
+        if self.reduce is not None or (self._inplace_lr is not None and self.directions > 1):
+            # every direction evaluated at the same θ before any update enters θ
             return self._estimate_reduced(inputs, targets)
         losses, coeffs = [], []
         for sampler in self._samplers():
@@ -135,7 +150,9 @@ class ZerothOrder(Estimator):
             losses.append(loss)
             raws.append(raw)
         mean_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
-        mean_loss, raw_all = self.reduce(mean_loss, torch.tensor(raws, dtype=torch.float64))
+        raw_all = torch.tensor(raws, dtype=torch.float64)
+        if self.reduce is not None:
+            mean_loss, raw_all = self.reduce(mean_loss, raw_all)
         coeffs = [self.coefficient(r) for r in raw_all.tolist()]
         for sampler, c in zip(samplers, coeffs, strict=True):
             self._perturb(sampler, 0.0, c / self.directions)

@@ -79,6 +79,8 @@ def build(config: TrainConfig, data: Dataset) -> tuple[nn.Module, Estimator]:
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd-inplace":  # carries only the schedule's lr; never stepped
+        return torch.optim.SGD(params, lr=config.lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
@@ -195,13 +197,18 @@ def _train_epoch(config, est, opt, sched, x, y, epoch, run_dir) -> dict[str, Any
     for i in bar:
         idx = order[i:i + config.batch_size]
         xb, yb = x[idx].to(config.device), y[idx].to(config.device)
-        opt.zero_grad(set_to_none=False)
-        stats = est.step(xb, yb)
+        if config.optimizer == "sgd-inplace":  # no gradient buffer (MeZO-style)
+            stats = est.sgd_step(xb, yb, lr=opt.param_groups[0]["lr"],
+                                 weight_decay=config.weight_decay)
+        else:
+            opt.zero_grad(set_to_none=False)
+            stats = est.step(xb, yb)
         if not math.isfinite(stats["loss"]):
             raise TrainingDiverged(_diverged_message(run_dir, epoch, f"the loss ({stats['loss']})"))
-        if config.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(est.model.parameters(), config.clip_grad)
-        opt.step()
+        if config.optimizer != "sgd-inplace":
+            if config.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(est.model.parameters(), config.clip_grad)
+            opt.step()
         sched.step()
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value * len(idx)
