@@ -73,11 +73,25 @@ def sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
 # -- layer by layer ---------------------------------------------------------------------
 
 def _layer_by_layer(layers, loss_fn, x, y, tangent, k):
-    h, h_dot = x, None  # h_dot: (K, *h.shape) or None while nothing depends on θ
+    h, h_dot = run_layers(layers, x, None, tangent, k)
+    return loss_and_derivatives(loss_fn, h, h_dot, y, k)
+
+
+def run_layers(layers: list[tuple[str, nn.Module]], h: Tensor, h_dot: Tensor | None,
+               tangent: TangentFn, k: int) -> tuple[Tensor, Tensor | None]:
+    """Carry ``(h, ḣ)`` through ``layers``; ``ḣ`` is ``(K, *h.shape)``, or ``None`` while
+    nothing depends on the parameters. Also used by each pipeline stage of
+    :mod:`forwardonly.distributed`."""
     for name, layer in layers:
         rule = _RULES.get(type(layer), _generic_layer)
         with _naming(name, layer):
             h, h_dot = rule(layer, h, h_dot, tangent, k)
+    return h, h_dot
+
+
+def loss_and_derivatives(loss_fn: LossFn, h: Tensor, h_dot: Tensor | None, y: Tensor, k: int
+                         ) -> tuple[Tensor, Tensor]:
+    """The loss and its K directional derivatives from the last activation and tangents."""
     with _naming("loss_fn", loss_fn):
         if h_dot is None:
             return loss_fn(h, y), torch.zeros(k, dtype=h.dtype, device=h.device)

@@ -39,7 +39,7 @@ from ..config import ConfigError
 from ..directions import DirectionSampler, Rank1
 from ..estimators import Backprop, Estimator, ForwardGradient
 from ..estimators.base import set_grad
-from ..forward_mode import _RULES, _batched_jvp, _generic_layer, _naming, sequential_layers
+from ..forward_mode import loss_and_derivatives, run_layers, sequential_layers
 from .runtime import Session
 
 STAGE_METHODS = ("fg-w", "fg-sign", "bp")
@@ -103,26 +103,6 @@ def _balanced_cuts(costs: list[int], parts: int) -> list[int]:
     for s in range(parts, 0, -1):
         cuts.append(back[s][cuts[-1]])
     return cuts[::-1]
-
-
-def run_layers(layers: list[Layer], h: Tensor, h_dot: Tensor | None,
-               tangent: Callable[[nn.Parameter], Tensor | Rank1], k: int
-               ) -> tuple[Tensor, Tensor | None]:
-    """Carry ``(h, ḣ)`` through ``layers`` with the forward-mode rules of a single process."""
-    for name, layer in layers:
-        rule = _RULES.get(type(layer), _generic_layer)
-        with _naming(name, layer):
-            h, h_dot = rule(layer, h, h_dot, tangent, k)
-    return h, h_dot
-
-
-def loss_and_derivatives(loss_fn: Callable[[Tensor, Tensor], Tensor], h: Tensor,
-                         h_dot: Tensor | None, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The loss and its K directional derivatives from the last activation and tangents."""
-    with _naming("loss_fn", loss_fn):
-        if h_dot is None:
-            return loss_fn(h, y), torch.zeros(k, dtype=h.dtype, device=h.device)
-        return _batched_jvp(lambda z: loss_fn(z, y), h, h_dot, k)
 
 
 @dataclass(frozen=True)
