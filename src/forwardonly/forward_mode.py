@@ -107,11 +107,16 @@ def _linear(layer: nn.Linear, h, h_dot, tangent, k):
         if isinstance(tw, Rank1):
             proj = h @ tw.a.T  # (..., K)
             term = proj.movedim(-1, 0).unsqueeze(-1) * _lift(tw.b, h.dim())  # (K, ..., q)
-        elif k == 1:
-            term = (h @ tw[0].T).unsqueeze(0)
+        elif k == 1 and h.dim() == 2:  # accumulate in place: no separate (B, q) buffer
+            if y_dot is None:
+                y_dot = (h @ tw[0].T).unsqueeze(0)
+            else:
+                y_dot[0].addmm_(h, tw[0].T)
+            term = None
         else:
             term = torch.matmul(h.unsqueeze(0), tw.transpose(1, 2))  # (K, ..., q)
-        y_dot = term if y_dot is None else y_dot.add_(term)
+        if term is not None:
+            y_dot = term if y_dot is None else y_dot.add_(term)
     if b is not None and b.requires_grad:
         tb = _lift(tangent(b), h.dim())  # (K, 1.., q)
         y_dot = tb.expand(k, *out.shape).clone() if y_dot is None else y_dot.add_(tb)
@@ -125,7 +130,8 @@ def _lift(v: Tensor, dims: int) -> Tensor:
 
 def _relu(layer: nn.ReLU, h, h_dot, tangent, k):
     out = F.relu(h)
-    return out, (None if h_dot is None else h_dot * (h > 0))
+    # h_dot is this walk's own buffer (no caller keeps it): mask it in place
+    return out, (None if h_dot is None else h_dot.mul_(h > 0))
 
 
 def _flatten(layer: nn.Flatten, h, h_dot, tangent, k):
