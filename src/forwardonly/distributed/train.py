@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data import load_dataset, standardize
 from ..estimators import Estimator, make_estimator
-from ..estimators.base import ESTIMATORS, mix_seed
+from ..estimators.base import ESTIMATORS
 from ..train import checkpoint, records
 from ..train.loop import (
     CHECKPOINT,
@@ -36,6 +34,7 @@ from ..train.loop import (
     make_optimizer,
     options_for,
     prepare_run_dir,
+    run_epoch,
 )
 from ..train.schedule import warmup_cosine
 from .data import DataParallelWorker
@@ -154,32 +153,15 @@ def _make_worker(config: TrainConfig, model: nn.Module, est: Estimator, s: Sessi
 
 def _train_epoch(config: TrainConfig, s: Session, worker: Worker, opt: torch.optim.Optimizer,
                  sched: Any, x: Tensor, y: Tensor, epoch: int, run_dir: Any) -> dict[str, Any]:
-    n = len(x)
-    gen = torch.Generator().manual_seed(mix_seed(config.seed, epoch))
-    order = torch.randperm(n, generator=gen).to(x.device)
     worker.module.train()
-    sums: dict[str, float] = {}
-    seen = 0
-    t0 = time.perf_counter()
-    bar = tqdm(range(0, n, config.batch_size), desc=f"epoch {epoch}/{config.epochs}",
-               disable=not config.progress, leave=False, unit="batch")
-    for i in bar:
-        idx = order[i:i + config.batch_size]
+
+    def train_step(idx: Tensor) -> dict[str, float]:
         opt.zero_grad(set_to_none=False)
         stats = worker.step(x, y, idx)  # the global batch's stats, the same on every rank
-        if not math.isfinite(stats["loss"]):
-            raise TrainingDiverged(_diverged_message(run_dir, epoch, f"the loss ({stats['loss']})"))
-        if config.clip_grad is not None:
-            worker.clip_grad(config.clip_grad)
-        opt.step()
-        sched.step()
-        for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + value * len(idx)
-        seen += len(idx)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-    seconds = time.perf_counter() - t0
-    row: dict[str, Any] = {"epoch": epoch, "train_loss": sums.pop("loss") / seen}
-    row.update({key: value / seen for key, value in sums.items()})
-    row.update({"seconds": seconds, "samples_per_s": seen / seconds,
-                "lr": opt.param_groups[0]["lr"]})
-    return row
+        if math.isfinite(stats["loss"]):
+            if config.clip_grad is not None:
+                worker.clip_grad(config.clip_grad)
+            opt.step()
+        return stats
+
+    return run_epoch(config, epoch, len(x), x.device, train_step, opt, sched, run_dir)

@@ -185,10 +185,34 @@ def train(config: TrainConfig, *, resume: bool = False,
 
 
 def _train_epoch(config, est, opt, sched, x, y, epoch, run_dir) -> dict[str, Any]:
-    n = len(x)
-    gen = torch.Generator().manual_seed(mix_seed(config.seed, epoch))
-    order = torch.randperm(n, generator=gen).to(x.device)
     est.model.train()
+
+    def train_step(idx: Tensor) -> dict[str, float]:
+        xb, yb = x[idx].to(config.device), y[idx].to(config.device)
+        if config.optimizer == "sgd-inplace":  # no gradient buffer (MeZO-style)
+            return est.sgd_step(xb, yb, lr=opt.param_groups[0]["lr"],
+                                weight_decay=config.weight_decay)
+        opt.zero_grad(set_to_none=False)
+        stats = est.step(xb, yb)
+        if math.isfinite(stats["loss"]):
+            if config.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(est.model.parameters(), config.clip_grad)
+            opt.step()
+        return stats
+
+    return run_epoch(config, epoch, len(x), x.device, train_step, opt, sched, run_dir)
+
+
+def run_epoch(config: TrainConfig, epoch: int, n: int, device: torch.device,
+              train_step: Callable[[Tensor], dict[str, float]], opt: torch.optim.Optimizer,
+              sched: Any, run_dir: Path) -> dict[str, Any]:
+    """One pass over ``n`` examples in the order drawn from ``(seed, epoch)``.
+
+    ``train_step(indices)`` updates the model on that mini-batch and returns its stats;
+    returns the epoch's metrics row (means weighted by batch size, seconds, samples/s, lr).
+    """
+    gen = torch.Generator().manual_seed(mix_seed(config.seed, epoch))
+    order = torch.randperm(n, generator=gen).to(device)
     sums: dict[str, float] = {}
     seen = 0
     t0 = time.perf_counter()
@@ -196,19 +220,9 @@ def _train_epoch(config, est, opt, sched, x, y, epoch, run_dir) -> dict[str, Any
                disable=not config.progress, leave=False, unit="batch")
     for i in bar:
         idx = order[i:i + config.batch_size]
-        xb, yb = x[idx].to(config.device), y[idx].to(config.device)
-        if config.optimizer == "sgd-inplace":  # no gradient buffer (MeZO-style)
-            stats = est.sgd_step(xb, yb, lr=opt.param_groups[0]["lr"],
-                                 weight_decay=config.weight_decay)
-        else:
-            opt.zero_grad(set_to_none=False)
-            stats = est.step(xb, yb)
+        stats = train_step(idx)
         if not math.isfinite(stats["loss"]):
             raise TrainingDiverged(_diverged_message(run_dir, epoch, f"the loss ({stats['loss']})"))
-        if config.optimizer != "sgd-inplace":
-            if config.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(est.model.parameters(), config.clip_grad)
-            opt.step()
         sched.step()
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value * len(idx)
