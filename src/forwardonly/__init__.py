@@ -9,7 +9,10 @@ Estimators fill ``param.grad`` so any ``torch.optim`` optimizer works::
 
 __version__ = "0.1.0"
 
-from . import models  # noqa: E402
+from . import (
+    ff,  # noqa: E402  (registers "ff" and "ff-mlp")
+    models,  # noqa: E402
+)
 from .config import ConfigError, TrainConfig  # noqa: E402
 from .data import DataError, Dataset, load_dataset  # noqa: E402
 from .estimators import (  # noqa: E402
@@ -22,9 +25,13 @@ from .estimators import (  # noqa: E402
     ZerothOrderSign,
     make_estimator,
 )
+from .estimators import activity as _activity  # noqa: E402,F401  (fg-a, lg-fg-a)
+from .estimators import local_bp as _local_bp  # noqa: E402,F401  (l-bp, lg-bp)
+from .estimators import local_fg as _local_fg  # noqa: E402,F401  (lg-fg-w)
 from .forward_mode import ForwardModeError, directional_derivatives  # noqa: E402
 from .models import build_model  # noqa: E402
 from .models import cnn as _cnn  # noqa: E402,F401  (registers "cnn")
+from .models import local_mixer as _local_mixer  # noqa: E402,F401  (registers "local-mixer")
 from .models import mlp as _mlp  # noqa: E402,F401  (registers "mlp")
 from .train import RunResult, TrainingDiverged, train  # noqa: E402
 
@@ -32,5 +39,5 @@ __all__ = [
     "ESTIMATORS", "Backprop", "ConfigError", "DataError", "Dataset", "Estimator",
     "ForwardGradient", "ForwardGradientSign", "ForwardModeError", "RunResult", "TrainConfig",
     "TrainingDiverged", "ZerothOrder", "ZerothOrderSign", "build_model",
-    "directional_derivatives", "load_dataset", "make_estimator", "models", "train",
+    "directional_derivatives", "ff", "load_dataset", "make_estimator", "models", "train",
 ]

@@ -50,6 +50,12 @@ class TrainConfig:
     activation: str = _f("relu", "Hidden activation: relu, gelu, tanh, sigmoid, silu, "
                          "leaky_relu.")
     channels: list[int] = _f([16, 32], "CNN channels per conv block.")
+    preset: str = _f("M/1/16", "LocalMixer preset (model local-mixer), by the paper's names "
+                     "blocks/patches/groups: S/1/1, M/1/16, M/8/16, L/8/64, tiny.")
+    blocks: int | None = _f(None, "LocalMixer: override the preset's number of blocks.")
+    patches: int | None = _f(None, "LocalMixer: override the preset's patches per side.")
+    width: int | None = _f(None, "LocalMixer: override the preset's channel count.")
+    groups: int | None = _f(None, "LocalMixer: override the preset's channel groups.")
     # method
     method: str = _f("fg-w", "How gradients are obtained: bp (backprop), fg-w (forward "
                      "gradient, weight perturbation), fg-sign, zo (zeroth order / MeZO), "
@@ -57,6 +63,27 @@ class TrainConfig:
     directions: int = _f(1, "K: random directions averaged per step (fg-*, zo*).")
     distribution: str = _f("gaussian", "Direction distribution: gaussian, rademacher, rank1.")
     epsilon: float = _f(1e-3, "Perturbation size for zeroth-order methods.")
+    freeze_backbone: bool = _f(False, "Local methods: train only the linear heads (the "
+                               "backbone stays at its initialization) — a baseline.")
+    # Forward-Forward (method ff, model ff-mlp)
+    ff_mode: str = _f("supervised", "FF: supervised (label in the first pixels) or "
+                      "unsupervised (hybrid-image negatives + linear readout).")
+    ff_goodness: str = _f("sum", "FF goodness of a layer: sum or mean of squared activities.")
+    ff_loss: str = _f("softplus", "FF layer loss: softplus (logistic, with threshold) or "
+                      "symmetric (positive minus negative goodness).")
+    ff_threshold: float | None = _f(None, "FF goodness threshold (default: the layer width "
+                                    "for sum goodness, 1 for mean).")
+    ff_temperature: float = _f(1.0, "FF: temperature of the logistic loss.")
+    ff_negatives: str | None = _f(None, "FF negatives: random or hard wrong labels "
+                                  "(supervised), hybrid (unsupervised); default per mode.")
+    ff_readout: str | None = _f(None, "FF prediction: goodness (try every label) or softmax "
+                                "(linear readout on normalized activities); default per mode.")
+    ff_readout_from: int | None = _f(None, "FF: the readout uses the last N hidden layers.")
+    ff_peer_weight: float = _f(0.03, "FF: weight of the peer-normalization term.")
+    ff_blur_steps: int = _f(10, "FF: blur iterations of the hybrid-image mask.")
+    ff_label_scale: float = _f(1.0, "FF: value written into the label pixels.")
+    ff_normalize_input: bool = _f(True, "FF: length-normalize each layer's input.")
+    ff_precision: str = _f("float32", "FF: compute precision, float32 or bfloat16.")
     # optimisation
     optimizer: str = _f("adam", "Optimizer: adam, sgd (with --momentum), or sgd-inplace: plain "
                         "SGD applied inside the estimator with no gradient buffer (fg-w and "

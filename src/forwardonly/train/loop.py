@@ -68,12 +68,16 @@ def build(config: TrainConfig, data: Dataset) -> tuple[nn.Module, Estimator]:
     """Model and estimator for ``config`` (on ``config.device``)."""
     torch.manual_seed(config.seed)
     builder = MODELS[config.model]
-    model = build_model(config.model, data.in_shape, data.classes,
-                        **options_for(builder, config, {"in_shape", "num_classes"}))
-    model = model.to(config.device)
     cls = ESTIMATORS[config.method]
-    est = make_estimator(config.method, model, F.cross_entropy,
-                         **options_for(cls.__init__, config, {"self", "model", "loss_fn"}))
+    try:
+        model = build_model(config.model, data.in_shape, data.classes,
+                            **options_for(builder, config, {"in_shape", "num_classes"}))
+        model = model.to(config.device)
+        est = make_estimator(config.method, model, F.cross_entropy,
+                             **options_for(cls.__init__, config, {"self", "model", "loss_fn"}))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot train --model {config.model} with --method "
+                          f"{config.method}: {exc}") from exc
     return model, est
 
 

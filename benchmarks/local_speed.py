@@ -1,0 +1,171 @@
+"""Step time and peak memory of LG-FG-A against BP and L-BP (and LG-FG-W, FG-A) on
+LocalMixer M/8/16, one CIFAR-10 batch of 128, as ratios measured in one run.
+
+- Step time: one process builds one model and one estimator per method and times
+  ``estimator.step`` round-robin (method A, B, C, A, B, C, ...), so a change of load on the
+  shared machine hits every method alike; we report the median over the rounds.
+- Peak memory: every method runs in a fresh subprocess; the working memory of a step is the
+  peak resident set (``VmHWM``; ``ru_maxrss`` where /proc is missing) after ``--mem-steps``
+  steps minus the same peak once the model, estimator and batch exist — so it counts the
+  activations, gradients and temporaries of a step; the parameters are in the baseline.
+  Measured twice: with glibc forced to serve large blocks by mmap (``MALLOC_MMAP_THRESHOLD_``,
+  so freed tensors leave the resident set: the peak of live memory) and with its default
+  heap (which keeps freed blocks: fragmentation included).
+
+    nice -n 10 .venv/bin/python benchmarks/local_speed.py --rounds 10 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from forwardonly.estimators.base import make_estimator
+from forwardonly.models.local_mixer import local_mixer
+from local_common import OUT, load
+
+CONFIGS = {  # label -> (method, options)
+    "bp": ("bp", {}),
+    "l-bp": ("l-bp", {}),
+    "lg-fg-a": ("lg-fg-a", {"distribution": "gaussian"}),
+    "lg-fg-a (rademacher)": ("lg-fg-a", {"distribution": "rademacher"}),
+    "fg-a": ("fg-a", {"distribution": "gaussian"}),
+    "lg-fg-w": ("lg-fg-w", {}),
+}
+
+
+# "mmap": glibc serves every block over 64 KiB by mmap and unmaps it when freed, so the
+# resident set follows the live tensors; "default": glibc's own heuristics, whose heap keeps
+# freed blocks (what a user of this process would see, allocator fragmentation included).
+ALLOCATORS = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
+
+
+def batch_file(preset: str, batch: int) -> Path:
+    path = OUT / f"speed_batch_{batch}.pt"
+    if not path.exists():
+        data = load("cifar10")
+        OUT.mkdir(parents=True, exist_ok=True)
+        torch.save({"x": data.train_x[:batch].clone(), "y": data.train_y[:batch].clone()}, path)
+    return path
+
+
+def build(preset: str, label: str, x: torch.Tensor):
+    method, options = CONFIGS[label]
+    model = local_mixer(tuple(x.shape[1:]), 10, preset, seed=0)
+    return model, make_estimator(method, model, F.cross_entropy, **options)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_peak_kib() -> int:
+    """Peak resident set of this process (KiB): ``VmHWM`` where Linux has it (it belongs to
+    the address space, so unlike ``ru_maxrss`` it does not inherit the parent's peak through
+    exec), else ``ru_maxrss``."""
+    hwm = _status_kib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def memory_child(preset: str, label: str, path: str, steps: int, threads: int) -> None:
+    """Run in a fresh process: print the working-memory peak of ``steps`` steps (MiB)."""
+    torch.set_num_threads(threads)
+    data = torch.load(path, weights_only=True)
+    x, y = data["x"], data["y"]
+    model, est = build(preset, label, x)
+    base = rss_peak_kib()
+    for _ in range(steps):
+        est.step(x, y)
+    peak = rss_peak_kib()
+    print(json.dumps({"label": label, "base_mib": base / 1024, "peak_mib": peak / 1024,
+                      "work_mib": (peak - base) / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="M/8/16")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--mem-steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--labels", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--child", nargs=2, metavar=("LABEL", "BATCH_FILE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        memory_child(args.preset, args.child[0], args.child[1], args.mem_steps, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+    path = batch_file(args.preset, args.batch)
+    data = torch.load(path, weights_only=True)
+    x, y = data["x"], data["y"]
+
+    memory: dict[str, dict[str, float]] = {}
+    for label in args.labels:
+        memory[label] = {}
+        for allocator, env in ALLOCATORS.items():
+            out = subprocess.run([sys.executable, __file__, "--preset", args.preset,
+                                  "--threads", str(args.threads), "--mem-steps",
+                                  str(args.mem_steps), "--child", label, str(path)],
+                                 capture_output=True, text=True, check=True,
+                                 env={**os.environ, **env})
+            memory[label][allocator] = json.loads(out.stdout.strip().splitlines()[-1])[
+                "work_mib"]
+        print(f"memory {label}: {memory[label]} MiB", flush=True)
+
+    runs = {label: build(args.preset, label, x) for label in args.labels}
+    times: dict[str, list[float]] = {label: [] for label in args.labels}
+    for label in args.labels:  # warm-up
+        runs[label][1].step(x, y)
+    for _ in range(args.rounds):
+        for label in args.labels:
+            t0 = time.perf_counter()
+            runs[label][1].step(x, y)
+            times[label].append(time.perf_counter() - t0)
+    med = {label: statistics.median(v) for label, v in times.items()}
+
+    rows = []
+    for label in args.labels:
+        rows.append({"preset": args.preset, "batch": args.batch, "threads": args.threads,
+                     "method": label, "step_s": med[label], "step_vs_bp": med[label] / med["bp"],
+                     "work_mib": memory[label]["mmap"],
+                     "mem_vs_bp": memory[label]["mmap"] / memory["bp"]["mmap"],
+                     "work_mib_default_malloc": memory[label]["default"],
+                     "mem_vs_bp_default_malloc": memory[label]["default"]
+                     / memory["bp"]["default"],
+                     "rounds": args.rounds})
+    tag = f"{args.preset.replace('/', '-')}_b{args.batch}_t{args.threads}"
+    with (OUT / f"speed_{tag}.json").open("w") as fh:
+        json.dump(rows, fh, indent=1)
+    lines = [f"LocalMixer {args.preset}, batch {args.batch}, {args.threads} CPU thread(s), "
+             f"median of {args.rounds} interleaved rounds; memory = peak RSS growth over "
+             f"{args.mem_steps} steps in a fresh process.", "",
+             "| method | step (s) | step / BP | memory (MiB) | memory / BP | "
+             "memory, default malloc (MiB) | / BP |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method'].upper()} | {r['step_s']:.3f} | {r['step_vs_bp']:.2f} | "
+                     f"{r['work_mib']:.0f} | {r['mem_vs_bp']:.2f} | "
+                     f"{r['work_mib_default_malloc']:.0f} | "
+                     f"{r['mem_vs_bp_default_malloc']:.2f} |")
+    (OUT / f"speed_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Hinton's Forward-Forward algorithm (arXiv 2212.13345) on the forwardonly interfaces.
+
+Importing this package registers the estimator ``"ff"`` and the model ``"ff-mlp"``::
+
+    from forwardonly.ff import ForwardForward, FFNet
+    net = FFNet((1, 28, 28), 10, widths=(2000, 2000, 2000, 2000))
+    est = ForwardForward(net, ff_negatives="hard")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for x, y in loader:
+        opt.zero_grad()
+        est.step(x, y)          # every layer's local FF gradient, plus the readout's
+        opt.step()
+    error = (est.predict(x_test).argmax(-1) != y_test).float().mean()
+"""
+
+from forwardonly.ff.estimator import ForwardForward
+from forwardonly.ff.goodness import ff_loss, ff_loss_and_grad, goodness
+from forwardonly.ff.labels import embed_labels, extract_labels, label_trials
+from forwardonly.ff.negatives import (
+    hard_wrong_labels,
+    hybrid_images,
+    hybrid_masks,
+    random_wrong_labels,
+)
+from forwardonly.ff.network import FFLayer, FFNet, ff_mlp, rms_normalize
+
+__all__ = [
+    "FFLayer",
+    "FFNet",
+    "ForwardForward",
+    "embed_labels",
+    "extract_labels",
+    "ff_loss",
+    "ff_loss_and_grad",
+    "ff_mlp",
+    "goodness",
+    "hard_wrong_labels",
+    "hybrid_images",
+    "hybrid_masks",
+    "label_trials",
+    "random_wrong_labels",
+    "rms_normalize",
+]

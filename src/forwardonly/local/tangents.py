@@ -1,0 +1,223 @@
+"""Forward mode through LocalMixer layers, by hand: primal + K tangents, no autograd graph.
+
+A layer ``out = ReLU(LN_out(linear(LN_in(x))) + u + r)`` carries tangents ``ẋ`` of shape
+``(K, *x.shape)`` (one per direction) next to its primal ``x``:
+
+    ȧ = J_LN_in ẋ                     (LayerNorm Jacobian at x)
+    ż = ȧ W  [+ a Ẇ + ḃ]               (linear; weight tangents only for weight perturbation)
+    ẏ = J_LN_out ż + u                 (u: the activity tangent, injected after LN_out)
+    ȯut = [out > 0] ⊙ (ẏ + ṙ)          (ReLU; r is the residual)
+
+The LayerNorm Jacobian without scale/shift, ``J = (I − 11ᵀ/D − x̂x̂ᵀ/D) / σ``, is symmetric,
+so its JVP and its VJP are the same map; both run as PyTorch's fused LayerNorm-backward
+kernel. Every layer keeps a :class:`LayerTrace` — a reference to its input ``x`` (the previous
+layer's output, kept anyway), its pre-norm output ``z`` with the LN statistics, its ReLU
+output and the injected tangent — which is all that :func:`activity_weight_grads` needs to
+turn an estimate of ``∂L/∂y`` into weight gradients *inside the layer*:
+``g_z = J_LN_out g_y``, ``g_W = aᵀ g_z`` with ``a = LN_in(x)`` recomputed (one LayerNorm is
+cheaper than keeping another activation-sized tensor per layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..models.local_mixer import LN_EPS, MixerBlock, MixerLayer
+
+# noise(layer_index, shape, like) -> (K, *shape) activity tangent (dtype/device of ``like``)
+NoiseFn = Callable[[int, tuple[int, ...], Tensor], Tensor]
+# weight_tangent(layer_index, layer) -> ((K, *W.shape), (K, *b.shape)) or None
+WeightTangentFn = Callable[[int, MixerLayer], "tuple[Tensor, Tensor] | None"]
+
+
+_LOOP_NUMEL = 1 << 16  # above this many primal elements, ln_jvp loops over the directions
+
+
+def ln_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(LN(x), mean, rstd)`` over the last dim split into ``groups`` groups (fused kernel)."""
+    d = x.shape[-1] // groups
+    xg = x.reshape(*x.shape[:-1], groups, d)
+    y, mean, rstd = torch.native_layer_norm(xg, (d,), None, None, LN_EPS)
+    return y.reshape(x.shape), mean, rstd
+
+
+def ln_jvp(x: Tensor, mean: Tensor, rstd: Tensor, t: Tensor, groups: int) -> Tensor:
+    """``J_LN(x) t`` for ``t`` shaped like ``x`` or ``(K, *x.shape)``; also the VJP (J = Jᵀ)."""
+    d = x.shape[-1] // groups
+    xg = x.reshape(*x.shape[:-1], groups, d)
+    if t.dim() == x.dim():
+        tg = t.reshape(xg.shape)
+        out = torch.ops.aten.native_layer_norm_backward(
+            tg, xg, (d,), mean, rstd, None, None, [True, False, False])[0]
+        return out.reshape(x.shape)
+    k = t.shape[0]
+    if k == 1:
+        return ln_jvp(x, mean, rstd, t[0], groups).unsqueeze(0)
+    if x.numel() >= _LOOP_NUMEL:  # large layers: one fused call per direction, no copies
+        return torch.stack([ln_jvp(x, mean, rstd, tk, groups) for tk in t])
+    # small layers, many directions: one call on K stacked copies of the primal
+    xs = xg.expand(k, *xg.shape).reshape(k * xg.shape[0], *xg.shape[1:])
+    ms = mean.expand(k, *mean.shape).reshape(k * mean.shape[0], *mean.shape[1:])
+    rs = rstd.expand(k, *rstd.shape).reshape(k * rstd.shape[0], *rstd.shape[1:])
+    out = torch.ops.aten.native_layer_norm_backward(
+        t.reshape(xs.shape), xs, (d,), ms, rs, None, None, [True, False, False])[0]
+    return out.reshape(t.shape)
+
+
+@dataclass
+class LayerTrace:
+    """What one layer keeps from the forward pass for its local weight gradient."""
+
+    layer: MixerLayer
+    x: Tensor          # (B, P, C_in)  the layer's input (the previous layer's output, no copy)
+    z: Tensor          # (B, P, C_out) linear output, input of LN_out
+    mean: Tensor       # LN_out statistics
+    rstd: Tensor
+    out: Tensor        # (B, P, C_out) ReLU output; the unit is active where out > 0
+    u: Tensor | None   # (K, B, P, C_out) activity tangent injected after LN_out
+
+
+def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor | None = None,
+                  wdot: tuple[Tensor, Tensor] | None = None, residual: Tensor | None = None,
+                  tresidual: Tensor | None = None) -> tuple[Tensor, Tensor | None, LayerTrace]:
+    """Primal and tangents through one layer (see the module docstring).
+
+    Arguments:
+        x: ``(B, P, C_in)`` primal input; ``tx``: ``(K, B, P, C_in)`` tangents or None (zero).
+        u: activity tangent ``(K, B, P, C_out)`` added after ``LN_out``, or None.
+        wdot: weight tangents ``((K, *W.shape), (K, *b.shape))``, or None.
+        residual, tresidual: the residual added before the ReLU and its tangents.
+
+    Returns:
+        ``(out, tout, trace)`` with ``tout`` None when every tangent is zero.
+    """
+    g = layer.norm_groups
+    a, a_mean, a_rstd = ln_stats(x, g)
+    ta = None if tx is None else ln_jvp(x, a_mean, a_rstd, tx, g)
+    z = layer.linear(a)
+    tz = None if ta is None else layer.linear(ta, layer.weight, None)
+    del ta  # free each temporary as soon as it is used: one block's worth stays alive
+    if wdot is not None:
+        tw = layer.linear(a, *wdot)  # a Ẇ_k + ḃ_k for the K directions at once
+        tz = tw if tz is None else tz.add_(tw)
+        del tw
+    del a
+    y, mean, rstd = ln_stats(z, g)
+    ty = None if tz is None else ln_jvp(z, mean, rstd, tz, g)
+    del tz
+    if u is not None:
+        ty = u if ty is None else ty.add_(u)
+    if residual is not None:
+        y = y.add_(residual)
+        if tresidual is not None:
+            ty = tresidual if ty is None else ty + tresidual
+    out = y.relu_()
+    tout = None if ty is None else relu_tangent(ty, out)
+    return out, tout, LayerTrace(layer, x, z, mean, rstd, out, u)
+
+
+def relu_tangent(t: Tensor, out: Tensor) -> Tensor:
+    """``[out > 0] ⊙ t`` for ``(K, *out.shape)`` tangents (the fused ReLU-backward kernel,
+    per direction: broadcasting over K would take its slow path)."""
+    if t.shape[0] == 1:
+        return torch.ops.aten.threshold_backward(t[0], out, 0.0).unsqueeze(0)
+    return torch.stack([torch.ops.aten.threshold_backward(tk, out, 0.0) for tk in t])
+
+
+def block_forward(block: MixerBlock, x: Tensor, tx: Tensor | None, *, first_index: int,
+                  noise: NoiseFn | None = None, weight_tangent: WeightTangentFn | None = None
+                  ) -> tuple[Tensor, Tensor | None, list[LayerTrace]]:
+    """Primal and tangents through a block; layer ``j`` of the block has global index
+    ``first_index + j`` (the index its noise / weight tangents are drawn with)."""
+    h, th = x, tx
+    traces: list[LayerTrace] = []
+    last = len(block.layers) - 1
+    for j, layer in enumerate(block.layers):
+        index = first_index + j
+        res = block.residual and j == last
+        u = None if noise is None else noise(index, (*h.shape[:-1], layer.n_out), h)
+        wdot = None if weight_tangent is None else weight_tangent(index, layer)
+        h, th, trace = layer_forward(layer, h, th, u=u, wdot=wdot,
+                                     residual=x if res else None,
+                                     tresidual=tx if res else None)
+        traces.append(trace)
+    return h, th, traces
+
+
+def activity_weight_grads(trace: LayerTrace, coef: Tensor) -> tuple[Tensor, Tensor]:
+    """Weight gradients of one layer from its activity tangent: ``g_y = Σ_k coef_k ⊙ u_k``.
+
+    Arguments:
+        trace: the layer's :class:`LayerTrace` (with ``u``).
+        coef: directional derivatives of the loss(es) that see each unit, broadcastable to
+            the units grouped as ``(K, B, P, G', C_out / G')``: ``(K, B, P, G, 1)`` for
+            per-(patch, group) local losses, ``(K, B, P, 1, 1)`` for units feeding every
+            group of their patch, ``(K, B, 1, 1, 1)`` for a global per-example loss. It
+            already carries the ``1/K`` average and the loss's own batch scaling.
+
+    Returns:
+        ``(g_W, g_b)``: ``g_y`` is masked by ReLU activity, sent through ``LN_out``'s VJP
+        and multiplied by the layer's own input — no gradient crosses a layer boundary.
+    """
+    u = trace.u
+    if u is None:
+        raise ValueError("this layer was run without an activity tangent (u is None)")
+    k, b, p, c = u.shape
+    groups = coef.shape[-2]
+    if k == 1:  # no reduction over directions: one product, no (K, ...) temporary
+        gy = (u[0].view(b, p, groups, c // groups) * coef[0]).view(b, p, c)
+    else:
+        gy = (u.view(k, b, p, groups, c // groups) * coef).sum(0).view(b, p, c)
+    gy = torch.ops.aten.threshold_backward(gy, trace.out, 0.0)
+    del u
+    gz = ln_jvp(trace.z, trace.mean, trace.rstd, gy, trace.layer.norm_groups)
+    del gy
+    a = ln_stats(trace.x, trace.layer.norm_groups)[0]  # recomputed, not kept: one LN
+    return trace.layer.weight_grad(a, gz)
+
+
+NOISE_DISTRIBUTIONS = ("rademacher", "gaussian")
+
+# Row v of this table holds the 8 bits of the byte v as ±1.0: one lookup turns a random byte
+# into 8 independent signs (random bits are nearly free; drawing Gaussians is not).
+_SIGN_TABLE = torch.tensor([[1.0 if (v >> j) & 1 else -1.0 for j in range(8)]
+                            for v in range(256)])
+
+
+def rademacher(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    """Independent ±1 entries of ``shape`` from 64 random bits per 64 entries."""
+    n = 1
+    for s in shape:
+        n *= s
+    words = torch.empty((n + 63) // 64, dtype=torch.int64, device=like.device)
+    words.random_(-(2**63), 2**63 - 1, generator=generator)  # every bit uniform
+    idx = words.view(torch.uint8).int()
+    table = _SIGN_TABLE.to(device=like.device, dtype=like.dtype)
+    return torch.index_select(table, 0, idx).view(-1)[:n].view(shape)
+
+
+def activity_noise(distribution: str, k: int, seed_of: Callable[[int], int]) -> NoiseFn:
+    """Noise function drawing the K activity tangents ``(K, *shape)`` of layer ``index`` from
+    a generator seeded with ``seed_of(index)``, so every tangent can be drawn again.
+
+    ``"rademacher"``: independent ±1; ``"gaussian"``: ``N(0, 1)`` (the paper's choice). Both
+    have ``E[u uᵀ] = I``; Rademacher's estimate has the lower variance,
+    ``E‖g‖² = n‖∇‖²`` against ``(n + 2)‖∇‖²``, and costs far less to draw.
+    """
+    if distribution not in NOISE_DISTRIBUTIONS:
+        valid = ", ".join(repr(d) for d in NOISE_DISTRIBUTIONS)
+        raise ValueError(f"distribution must be one of {valid}, got {distribution!r}")
+
+    def draw(index: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        gen = torch.Generator(device=like.device)
+        gen.manual_seed(seed_of(index))
+        full = (k, *shape)
+        if distribution == "rademacher":
+            return rademacher(full, gen, like)
+        return torch.empty(full, dtype=like.dtype, device=like.device).normal_(generator=gen)
+
+    return draw
