@@ -162,7 +162,7 @@ MNIST_RUNS = [
 ]
 
 
-def mnist(epochs: int, data_dir: str, widths: list[int]) -> None:
+def mnist(epochs: int, data_dir: str, widths: list[int], collect_only: bool = False) -> None:
     from forwardonly.config import from_dict
 
     rows = []
@@ -172,20 +172,25 @@ def mnist(epochs: int, data_dir: str, widths: list[int]) -> None:
         cfg = from_dict({"dataset": "mnist", "data_dir": data_dir, "widths": widths,
                          "batch_size": 64, "epochs": epochs, "progress": False,
                          "out": str(out), **opts})
-        # A stopped (or finished) run continues from its checkpoint.
-        result = forwardonly.train(cfg, resume=(out / "checkpoint.pt").exists())
-        rows.append({"method": label, "epochs": epochs, "lr": opts["lr"],
-                     "test_error_pct": round(100 * result.test_error, 2),
-                     "train_error_pct": round(100 * result.rows[-1]["train_error"], 2),
-                     "seconds": round(sum(r["seconds"] for r in result.rows), 1)})
+        if collect_only:  # report what the run directories hold (possibly partial runs)
+            if not (out / "metrics.jsonl").exists():
+                continue
+            done = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        else:  # a stopped (or finished) run continues from its checkpoint
+            done = forwardonly.train(cfg, resume=(out / "checkpoint.pt").exists()).rows
+        rows.append({"method": label, "epochs": f"{len(done)}/{epochs}", "lr": opts["lr"],
+                     "test_error_pct": round(100 * done[-1]["test_error"], 2),
+                     "train_error_pct": round(100 * done[-1]["train_error"], 2),
+                     "seconds": round(sum(r["seconds"] for r in done), 1)})
     arch = "-".join(str(w) for w in [784, *widths, 10])
     md = [f"### MNIST after a fixed budget (MLP {arch}, Adam, cosine, batch 64, "
           f"{epochs} epochs)\n",
           "Ren et al. (2023) report FG-W at 9.25% test error (LocalMixer S/1/1); target: "
           "fg-w ≤ 9.25%.\n",
-          "| method | lr | test error % | train error % | seconds |", "|---|---|---|---|---|"]
-    md += [f"| {r['method']} | {r['lr']} | {r['test_error_pct']} | {r['train_error_pct']} | "
-           f"{r['seconds']} |" for r in rows]
+          "| method | lr | epochs done | test error % | train error % | seconds |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {r['method']} | {r['lr']} | {r['epochs']} | {r['test_error_pct']} | "
+           f"{r['train_error_pct']} | {r['seconds']} |" for r in rows]
     write("mnist", rows, "\n".join(md) + "\n")
 
 
@@ -208,6 +213,8 @@ def main() -> None:
     s = sub.add_parser("mnist")
     s.add_argument("--epochs", type=int, default=5)
     s.add_argument("--widths", type=int, nargs="+", default=[256, 256])
+    s.add_argument("--collect-only", action="store_true",
+                   help="tabulate the run directories as they are (no training)")
     s.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2]
                                              / "shared" / "data" / "mnist"))
     a = p.parse_args()
@@ -218,7 +225,7 @@ def main() -> None:
     elif a.section == "memory-child":
         memory_child(a.method, a.depth, a.width, a.batch)
     else:
-        mnist(a.epochs, a.data_dir, a.widths)
+        mnist(a.epochs, a.data_dir, a.widths, a.collect_only)
 
 
 if __name__ == "__main__":
