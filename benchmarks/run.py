@@ -30,6 +30,15 @@ SECTIONS: dict[str, tuple[list[str], bool]] = {
     "core-step-time": ([PY, str(HERE / "core.py"), "step-time"], True),
     "core-memory": ([PY, str(HERE / "core.py"), "memory"], True),
     "core-mnist": ([PY, str(HERE / "core.py"), "mnist"], False),
+    "local-speed": ([PY, str(HERE / "local_speed.py"), "--rounds", "10", "--threads", "1"], True),
+    "local-quality": ([PY, str(HERE / "local_quality.py")], True),
+    "local-table3": ([PY, str(HERE / "local_table3.py"), "--epochs", "50"], False),
+    "local-cifar": ([PY, str(HERE / "local_cifar.py"), "--epochs", "3"], False),
+    "ff-speed": ([PY, str(HERE / "ff_speed.py")], True),
+    "ff-mnist": ([PY, str(HERE / "ff_mnist.py"), "--mode", "supervised"], False),
+    "ff-mnist-unsupervised": ([PY, str(HERE / "ff_mnist.py"), "--mode", "unsupervised"], False),
+    "ff-mnist-bp": ([PY, str(HERE / "ff_mnist.py"), "--mode", "bp"], False),
+    "distributed": ([PY, str(HERE / "distributed_bench.py"), "all"], False),
 }
 
 # Snippets, in the order they appear in BENCHMARKS.md.
