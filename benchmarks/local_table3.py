@@ -28,7 +28,7 @@ LABELS = {"fg-w": "FG-W (generic: heads perturbed too)",
           "fg-w-mixer": "FG-W (paper's: heads exact)", "heads-only": "heads only (frozen)"}
 # peak learning rates chosen on 5-epoch runs of M/1/16 (local_lr_sweep.py), used for both sizes
 LRS = {"bp": 0.1, "l-bp": 0.1, "lg-bp": 0.1, "fg-w": 1e-4, "fg-a": 0.01, "lg-fg-w": 0.03,
-       "lg-fg-a": 0.03, "heads-only": 0.1}
+       "lg-fg-a": 0.03, "fg-w-mixer": 0.03, "heads-only": 0.1}
 # where S/1/1's own 5-epoch sweep disagreed with M/1/16's (G = 1: 8x the noise per loss)
 LR_PRESET: dict[tuple[str, str], float] = {}
 CSV = OUT / "table3_mnist.csv"
@@ -88,7 +88,8 @@ def main() -> None:
             for preset in args.presets:
                 tag = f"{preset.replace('/', '-')}_{method}_e{args.epochs}_s{args.seed}"
                 train_run(preset=preset, method=method, data=data, epochs=args.epochs,
-                          lr=LR_PRESET.get((preset, method), LRS[method]), warmup_epochs=1, seed=args.seed, csv_path=CSV,
+                          lr=LR_PRESET.get((preset, method), LRS[method]), warmup_epochs=1,
+                          seed=args.seed, csv_path=CSV,
                           ckpt_path=OUT / "ckpt" / f"{tag}.pt")
                 (OUT / "table3_mnist.md").write_text(report(CSV, args.epochs))
     text = report(CSV, args.epochs)

@@ -15,7 +15,8 @@ layer's output, kept anyway), its pre-norm output ``z`` with the LN statistics, 
 output and the injected tangent — which is all that :func:`activity_weight_grads` needs to
 turn an estimate of ``∂L/∂y`` into weight gradients *inside the layer*:
 ``g_z = J_LN_out g_y``, ``g_W = aᵀ g_z`` with ``a = LN_in(x)`` recomputed (one LayerNorm is
-cheaper than keeping another activation-sized tensor per layer).
+cheaper than keeping another activation-sized tensor per layer) — except for the grouped
+layer, whose per-group LayerNorm is slow enough that its ``a`` is kept.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class LayerTrace:
     rstd: Tensor
     out: Tensor        # (B, P, C_out) ReLU output; the unit is active where out > 0
     u: Tensor | None   # (K, B, P, C_out) activity tangent injected after LN_out
+    a: Tensor | None = None  # LN_in(x), kept for grouped layers (their LN is slow to redo)
 
 
 def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor | None = None,
@@ -105,6 +107,8 @@ def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor 
         tw = layer.linear(a, *wdot)  # a Ẇ_k + ḃ_k for the K directions at once
         tz = tw if tz is None else tz.add_(tw)
         del tw
+    # a per-group LayerNorm (rows of C/G) costs ~3x a full-width one: keep its output
+    kept = a if g > 1 else None
     del a
     y, mean, rstd = ln_stats(z, g)
     ty = None if tz is None else ln_jvp(z, mean, rstd, tz, g)
@@ -117,7 +121,7 @@ def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor 
             ty = tresidual if ty is None else ty + tresidual
     out = y.relu_()
     tout = None if ty is None else relu_tangent(ty, out)
-    return out, tout, LayerTrace(layer, x, z, mean, rstd, out, u)
+    return out, tout, LayerTrace(layer, x, z, mean, rstd, out, u, kept)
 
 
 def relu_tangent(t: Tensor, out: Tensor) -> Tensor:
@@ -176,7 +180,7 @@ def activity_weight_grads(trace: LayerTrace, coef: Tensor) -> tuple[Tensor, Tens
     del u
     gz = ln_jvp(trace.z, trace.mean, trace.rstd, gy, trace.layer.norm_groups)
     del gy
-    a = ln_stats(trace.x, trace.layer.norm_groups)[0]  # recomputed, not kept: one LN
+    a = trace.a if trace.a is not None else ln_stats(trace.x, trace.layer.norm_groups)[0]
     return trace.layer.weight_grad(a, gz)
 
 
