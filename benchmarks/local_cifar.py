@@ -10,7 +10,7 @@ runs as a series of short calls (e.g. 10-minute GPU sessions):
     # CPU: a fixed small budget, in the background
     nohup nice -n 10 .venv/bin/python benchmarks/local_cifar.py --epochs 3 &
     # GPU: the paper-length schedule in chunks; repeat the same command until it is done
-    .venv/bin/python benchmarks/local_cifar.py --device cuda --epochs 200 --chunk 40 \\
+    .venv/bin/python benchmarks/local_cifar.py --device cuda --epochs 200 --chunk 20 \\
         --tag gpu200
 """
 

@@ -77,3 +77,15 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
 
 def test_defaults_are_valid():
     TrainConfig().validate()
+
+
+@pytest.mark.parametrize("name", ["quickstart", "ff-mnist-supervised", "ff-mnist-unsupervised"])
+def test_shipped_config_files_are_valid(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    config = from_dict(load_file(path))
+    assert config.seed == 0
+    if name.startswith("ff-"):
+        assert (config.method, config.model, config.head_lr_scale) == ("ff", "ff-mlp", 10.0)
+        assert config.schedule == "half-linear" and not config.standardize

@@ -1,5 +1,6 @@
 """Training loop: run directory contents, resume equals uninterrupted, divergence handling."""
 
+import dataclasses
 import json
 import math
 
@@ -127,3 +128,44 @@ def test_inplace_sgd_training_lowers_the_loss(tmp_path):
 def test_inplace_sgd_rejects_clipping():
     with pytest.raises(ConfigError, match="clip_grad needs a gradient buffer"):
         from_dict({"optimizer": "sgd-inplace", "clip_grad": 1.0})
+
+
+def test_half_linear_schedule_is_flat_then_linear_to_zero():
+    from forwardonly.train.schedule import warmup_cosine
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=10, warmup_steps=0, kind="half-linear")
+    factors = []
+    for _ in range(10):
+        factors.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert factors == pytest.approx([1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2])
+    with pytest.raises(ValueError, match="schedule must be"):
+        warmup_cosine(opt, 10, 0, kind="linear")
+
+
+def test_head_gets_its_own_learning_rate_and_weight_decay(tmp_path):
+    from forwardonly.train.loop import build, make_optimizer
+
+    config = cfg(tmp_path, model="ff-mlp", method="ff", widths=[32, 32], optimizer="sgd",
+                 lr=0.01, weight_decay=1e-3, head_lr_scale=10.0, head_weight_decay=3e-3,
+                 schedule="half-linear")
+    data = forwardonly.data.load_dataset("digits")
+    model, _ = build(config, data)
+    body, head = make_optimizer(config, model).param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head.parameters()}
+    assert len(body["params"]) + len(head["params"]) == len(list(model.parameters()))
+    assert (body["lr"], body["weight_decay"]) == (0.01, 1e-3)
+    assert head["lr"] == pytest.approx(0.1) and head["weight_decay"] == 3e-3
+    result = train(dataclasses.replace(config, epochs=2), log=lambda s: None)
+    assert result.rows[-1]["train_loss"] < result.rows[0]["train_loss"]
+
+
+def test_head_settings_need_a_model_with_a_head(tmp_path):
+    with pytest.raises(ConfigError, match="has no `head` submodule"):
+        train(cfg(tmp_path, epochs=1, method="bp", head_lr_scale=10.0), log=lambda s: None)
+    with pytest.raises(ConfigError, match="head_lr_scale must be a positive number"):
+        from_dict({"head_lr_scale": 0.0})
+    with pytest.raises(ConfigError, match="head_weight_decay must be a non-negative"):
+        from_dict({"head_weight_decay": -1.0})

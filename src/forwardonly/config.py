@@ -92,7 +92,13 @@ class TrainConfig:
     lr: float = _f(1e-3, "Peak learning rate.")
     momentum: float = _f(0.9, "SGD momentum (ignored by adam).")
     weight_decay: float = _f(0.0, "Weight decay (decoupled for adam: AdamW).")
-    schedule: str = _f("cosine", "Learning-rate schedule after warmup: cosine or constant.")
+    head_lr_scale: float = _f(1.0, "Learning-rate multiplier of the model's linear readout "
+                              "`head` (FF networks; Hinton's code uses 10).")
+    head_weight_decay: float | None = _f(None, "Weight decay of the model's readout `head` "
+                                         "(default: --weight-decay; Hinton's FF code uses 3x).")
+    schedule: str = _f("cosine", "Learning-rate schedule after warmup: cosine, constant, or "
+                       "half-linear (constant for the first half of the steps, then linear "
+                       "to zero: Hinton's FF schedule).")
     warmup_epochs: float = _f(0.0, "Linear warmup length in epochs (fractions allowed).")
     clip_grad: float | None = _f(None, "Clip the gradient estimate's global norm to this value.")
     batch_size: int = _f(64, "Training mini-batch size.")
@@ -140,11 +146,11 @@ class TrainConfig:
         if self.optimizer == "sgd-inplace" and self.clip_grad is not None:
             problems.append("clip_grad needs a gradient buffer; it cannot be combined with "
                             "optimizer sgd-inplace")
-        one_of("schedule", self.schedule, ("cosine", "constant"))
+        one_of("schedule", self.schedule, ("cosine", "constant", "half-linear"))
         for name in ("directions", "batch_size", "epochs", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1; got {getattr(self, name)}")
-        for name in ("lr", "epsilon"):
+        for name in ("lr", "epsilon", "head_lr_scale"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 problems.append(f"{name} must be a positive number; got {v}")
@@ -152,6 +158,14 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 problems.append(f"{name} must be a non-negative number; got {v}")
+        if self.head_weight_decay is not None and not (
+                math.isfinite(self.head_weight_decay) and self.head_weight_decay >= 0):
+            problems.append(f"head_weight_decay must be a non-negative number when set; "
+                            f"got {self.head_weight_decay}")
+        if self.optimizer == "sgd-inplace" and (self.head_lr_scale != 1.0
+                                                or self.head_weight_decay is not None):
+            problems.append("head_lr_scale and head_weight_decay need a torch optimizer; use "
+                            "optimizer sgd or adam")
         if self.warmup_epochs > self.epochs:
             problems.append(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         if self.clip_grad is not None and not self.clip_grad > 0:

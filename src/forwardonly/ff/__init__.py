@@ -11,6 +11,7 @@ Importing this package registers the estimator ``"ff"`` and the model ``"ff-mlp"
         est.step(x, y)          # every layer's local FF gradient, plus the readout's
         opt.step()
     error = (est.predict(x_test).argmax(-1) != y_test).float().mean()
+    refit_head(net, x_train, y_train)  # optional: the linear readout refitted on the final layers
 """
 
 from forwardonly.ff.estimator import ForwardForward
@@ -23,6 +24,7 @@ from forwardonly.ff.negatives import (
     random_wrong_labels,
 )
 from forwardonly.ff.network import FFLayer, FFNet, ff_mlp, rms_normalize
+from forwardonly.ff.readout import fit_linear_softmax, readout_features, refit_head
 
 __all__ = [
     "FFLayer",
@@ -33,11 +35,14 @@ __all__ = [
     "ff_loss",
     "ff_loss_and_grad",
     "ff_mlp",
+    "fit_linear_softmax",
     "goodness",
     "hard_wrong_labels",
     "hybrid_images",
     "hybrid_masks",
     "label_trials",
     "random_wrong_labels",
+    "readout_features",
+    "refit_head",
     "rms_normalize",
 ]

@@ -81,14 +81,32 @@ def build(config: TrainConfig, data: Dataset) -> tuple[nn.Module, Estimator]:
     return model, est
 
 
-def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: the body, then the model's readout
+    ``head`` when ``head_lr_scale`` / ``head_weight_decay`` give it its own settings."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if config.head_lr_scale == 1.0 and config.head_weight_decay is None:
+        return [{"params": params}]
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Module):
+        raise ConfigError(f"--head-lr-scale / --head-weight-decay set the readout `head` "
+                          f"apart, but model {config.model} has no `head` submodule; drop "
+                          f"them (or use a model with a head, such as ff-mlp)")
+    in_head = {id(p) for p in head.parameters()}
+    decay = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
+    return [{"params": [p for p in params if id(p) not in in_head]},
+            {"params": [p for p in params if id(p) in in_head],
+             "lr": config.lr * config.head_lr_scale, "weight_decay": decay}]
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "sgd-inplace":  # carries only the schedule's lr; never stepped
-        return torch.optim.SGD(params, lr=config.lr)
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    groups = param_groups(config, model)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 @torch.no_grad()

@@ -1,0 +1,109 @@
+"""A linear softmax readout fitted on the frozen activities of a trained FF network.
+
+Hinton's unsupervised protocol (arXiv 2212.13345, Section 3.2): after Forward-Forward has
+trained the layers, a linear softmax classifier reads the length-normalized activities of the
+last hidden layers (``FFNet.features``). The head an :class:`~forwardonly.ff.ForwardForward`
+run trains alongside the layers chases moving features; this module fits it again on the
+final ones, by full-batch L-BFGS on the L2-regularized cross-entropy
+
+    min_W,b  (1/N) Σ_i CE(W f_i + b, y_i) + (λ/2) ‖W‖²
+
+— a convex problem, so the result depends only on λ, which :func:`choose_weight_decay` picks
+on a held-out part of the *training* set (the test set plays no part).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from forwardonly.ff.network import FFNet
+
+
+@torch.no_grad()
+def readout_features(model: FFNet, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """The readout's input for images ``x`` (N, C, H, W): (N, F) normalized activities
+    (neutral label when supervised), computed in batches."""
+    was_training = model.training
+    model.eval()
+    out = [model.features(model.activities(model.neutral(model.flatten(xb))))
+           for xb in x.split(batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def fit_linear_softmax(features: Tensor, targets: Tensor, num_classes: int, *,
+                       weight_decay: float, max_iter: int = 300,
+                       tolerance: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Minimize the regularized cross-entropy above by L-BFGS; returns ``(W (K, F), b (K,))``.
+
+    Starts from zero (the objective is convex, so the start only affects the time).
+    """
+    if features.dim() != 2 or targets.shape != features.shape[:1]:
+        raise ValueError(
+            f"features must be (N, F) and targets (N,), got {tuple(features.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    w = torch.zeros(num_classes, features.shape[1], requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=tolerance, tolerance_change=1e-10,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(features @ w.t() + b, targets)
+        loss = loss + 0.5 * weight_decay * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def error_rate(features: Tensor, targets: Tensor, w: Tensor, b: Tensor) -> float:
+    """Fraction of rows whose largest score is not the target."""
+    return float(((features @ w.t() + b).argmax(1) != targets).float().mean())
+
+
+def choose_weight_decay(features: Tensor, targets: Tensor, num_classes: int,
+                        candidates: Sequence[float], held_out: int) -> tuple[float, dict]:
+    """The λ of ``candidates`` with the lowest error on the last ``held_out`` rows when fitted
+    on the others; returns ``(λ, {λ: held-out error})`` (ties go to the larger λ)."""
+    if not 0 < held_out < len(targets):
+        raise ValueError(
+            f"held_out must be between 1 and {len(targets) - 1} rows, got {held_out}"
+        )
+    if not candidates:
+        raise ValueError("give at least one weight-decay candidate")
+    fit_x, fit_y = features[:-held_out], targets[:-held_out]
+    val_x, val_y = features[-held_out:], targets[-held_out:]
+    errors = {}
+    for lam in candidates:
+        w, b = fit_linear_softmax(fit_x, fit_y, num_classes, weight_decay=lam)
+        errors[lam] = error_rate(val_x, val_y, w, b)
+    best = min(sorted(candidates, reverse=True), key=lambda lam: errors[lam])
+    return best, errors
+
+
+def refit_head(model: FFNet, x: Tensor, y: Tensor, *, candidates: Sequence[float] =
+               (0.0, 1e-5, 1e-4, 1e-3, 1e-2), held_out: int | None = None) -> dict:
+    """Refit ``model.head`` on the frozen features of the training images ``x``, ``y``:
+    λ chosen on the last ``held_out`` of them (default: a sixth, at most 10,000), then the
+    head fitted on all. Returns ``{"weight_decay": λ, "held_out_errors": {λ: error}}``;
+    ``model.head`` holds the new readout.
+    """
+    if held_out is None:
+        held_out = min(10_000, len(y) // 6)
+    feats = readout_features(model, x)
+    lam, errors = choose_weight_decay(feats, y, model.num_classes, candidates, held_out)
+    w, b = fit_linear_softmax(feats, y, model.num_classes, weight_decay=lam)
+    with torch.no_grad():
+        model.head.weight.copy_(w)
+        model.head.bias.copy_(b)
+    return {"weight_decay": lam, "held_out_errors": errors}
