@@ -17,13 +17,15 @@ them with ``nohup nice -n 10 ... &``.
 Two loops (``--loop``):
 
 * ``trainer``: the package's own ``forwardonly.train`` (run directory ``<tag>-run/`` with
-  config, metrics, checkpoint; AdamW with no weight decay, cosine learning-rate decay, images
-  in [0, 1]). Needs the ``ff_*`` fields in ``TrainConfig``.
-* ``own``: the same ``opt.zero_grad(); est.step(x, y); opt.step()`` written out here: Adam
-  (fused), a fixed learning rate for the first half of the epochs and then a linear decay
-  (Hinton's schedule), per-epoch shuffling from the seed, checkpoint ``<tag>.pt``.
+  config, metrics, checkpoint; images in [0, 1]; the ``half-linear`` schedule; with
+  ``--optimizer sgd`` the head at 10x the learning rate and 3x the weight decay; AdamW for
+  ``adam``). It tests after every epoch and has no bfloat16 autocast for ``--mode bp``.
+* ``own``: the same ``opt.zero_grad(); est.step(x, y); opt.step()`` written out here (Adam
+  with L2 weight decay for ``adam``, the same SGD groups, the same schedule per epoch),
+  ``--eval-every``, and bfloat16 autocast for ``--mode bp``; checkpoint ``<tag>.pt``. The
+  runs in BENCHMARKS.md used this loop.
 
-``auto`` (the default) takes the trainer when its config has every field the run needs.
+``auto`` (the default) takes the trainer when it can run the requested settings.
 """
 
 from __future__ import annotations
@@ -97,12 +99,15 @@ def trainer_fields(args: argparse.Namespace) -> dict[str, object]:
         "dataset": "mnist", "data_dir": str(args.data_dir), "standardize": False,
         "widths": list(args.widths), "optimizer": args.optimizer, "lr": args.lr,
         "momentum": 0.9,
-        "weight_decay": args.weight_decay, "schedule": "cosine", "batch_size": args.batch_size,
+        "weight_decay": args.weight_decay, "schedule": "half-linear",
+        "batch_size": args.batch_size,
         "epochs": args.epochs, "seed": args.seed, "threads": args.threads,
         "out": str(args.out / f"{args.tag or args.mode}-run"), "progress": False,
     }
     if args.mode == "bp":
         return {**fields, "model": "mlp", "method": "bp"}
+    if args.optimizer == "sgd":  # Hinton: the head learns 10x faster and decays 3x more
+        fields.update(head_lr_scale=10.0, head_weight_decay=3 * args.weight_decay)
     return {
         **fields, "model": "ff-mlp", "method": "ff", "ff_mode": args.mode,
         "ff_readout": args.readout if args.mode == "supervised" else "softmax",
@@ -120,8 +125,8 @@ def trainer_available(args: argparse.Namespace) -> bool:
     except ImportError:
         return False
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    sgd_head = args.optimizer == "sgd" and args.mode != "bp"  # needs a second param group
-    return set(trainer_fields(args)) <= known and not sgd_head
+    bf16_bp = args.mode == "bp" and args.precision == "bfloat16"  # no autocast in the trainer
+    return set(trainer_fields(args)) <= known and not bf16_bp and args.eval_every == 1
 
 
 def run_with_trainer(args: argparse.Namespace) -> None:

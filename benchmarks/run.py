@@ -25,6 +25,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 
+FF_RECIPE = ["--optimizer", "sgd", "--precision", "bfloat16", "--threads", "1", "--loop", "own"]
+
 # name -> (command, default?)
 SECTIONS: dict[str, tuple[list[str], bool]] = {
     "core-step-time": ([PY, str(HERE / "core.py"), "step-time"], True),
@@ -33,11 +35,19 @@ SECTIONS: dict[str, tuple[list[str], bool]] = {
     "local-speed": ([PY, str(HERE / "local_speed.py"), "--rounds", "10", "--threads", "1"], True),
     "local-quality": ([PY, str(HERE / "local_quality.py")], True),
     "local-table3": ([PY, str(HERE / "local_table3.py"), "--epochs", "50"], False),
-    "local-cifar": ([PY, str(HERE / "local_cifar.py"), "--epochs", "3"], False),
+    "local-table3-long": ([PY, str(HERE / "local_table3.py"), "--epochs", "200", "--methods",
+                           "lg-fg-a", "fg-a"], False),
+    "local-cifar": ([PY, str(HERE / "local_cifar.py"), "--epochs", "2", "--threads", "1"],
+                    False),
     "ff-speed": ([PY, str(HERE / "ff_speed.py")], True),
-    "ff-mnist": ([PY, str(HERE / "ff_mnist.py"), "--mode", "supervised"], False),
-    "ff-mnist-unsupervised": ([PY, str(HERE / "ff_mnist.py"), "--mode", "unsupervised"], False),
-    "ff-mnist-bp": ([PY, str(HERE / "ff_mnist.py"), "--mode", "bp"], False),
+    # Hinton's optimiser (SGD, momentum, weight decay, head at 10x), bf16 products, 60 epochs
+    "ff-mnist": ([PY, str(HERE / "ff_mnist.py"), "--mode", "supervised", *FF_RECIPE,
+                  "--tag", "supervised-sgd", "--eval-every", "5"], False),
+    "ff-mnist-unsupervised": ([PY, str(HERE / "ff_mnist.py"), "--mode", "unsupervised",
+                               *FF_RECIPE], False),
+    "ff-mnist-readout": ([PY, str(HERE / "ff_readout.py"), "--tag", "unsupervised"], False),
+    "ff-mnist-bp": ([PY, str(HERE / "ff_mnist.py"), "--mode", "bp", "--precision", "bfloat16",
+                     "--threads", "1", "--loop", "own"], False),
     "distributed": ([PY, str(HERE / "distributed_bench.py"), "all"], False),
 }
 

@@ -212,8 +212,10 @@ def _train_epoch(config, est, opt, sched, x, y, epoch, run_dir) -> dict[str, Any
     def train_step(idx: Tensor) -> dict[str, float]:
         xb, yb = x[idx].to(config.device), y[idx].to(config.device)
         if config.optimizer == "sgd-inplace":  # no gradient buffer (MeZO-style)
-            return est.sgd_step(xb, yb, lr=opt.param_groups[0]["lr"],
-                                weight_decay=config.weight_decay)
+            stats = est.sgd_step(xb, yb, lr=opt.param_groups[0]["lr"],
+                                 weight_decay=config.weight_decay)
+            opt.step()  # no parameter has a .grad, so a no-op; it keeps the schedule in order
+            return stats
         opt.zero_grad(set_to_none=False)
         stats = est.step(xb, yb)
         if math.isfinite(stats["loss"]):
