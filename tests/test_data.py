@@ -455,3 +455,50 @@ def test_real_cifar10() -> None:
     torch.testing.assert_close(
         std.float(), torch.tensor([0.2470, 0.2435, 0.2616]), rtol=0, atol=1e-4
     )
+
+
+def _manual_shift(img, dy, dx):
+    """img (C, H, W) moved down by dy and right by dx, zero-filled."""
+    out = torch.zeros_like(img)
+    h, w = img.shape[1:]
+    out[:, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
+        img[:, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    return out
+
+
+def test_hflip_mirrors_about_half_of_the_images():
+    from forwardonly.data.augment import random_hflip
+
+    x = torch.rand(2000, 3, 4, 5)
+    out = random_hflip(x, torch.Generator().manual_seed(0))
+    flipped = (out == x.flip(-1)).flatten(1).all(1)
+    kept = (out == x).flatten(1).all(1)
+    assert bool((flipped | kept).all())
+    assert abs(flipped.float().mean().item() - 0.5) < 0.05  # 4.5 standard errors
+
+
+def test_shift_translates_each_image_by_at_most_two_pixels():
+    from forwardonly.data.augment import random_shift
+
+    x = torch.rand(300, 2, 7, 6)
+    out = random_shift(x, torch.Generator().manual_seed(1))
+    seen = set()
+    for img, res in zip(x, out, strict=True):
+        match = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(_manual_shift(img, dy, dx), res)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) == 25  # every offset occurs
+
+
+def test_augmentation_is_seeded_and_checked():
+    from forwardonly.data.augment import augmenter
+
+    x = torch.rand(8, 1, 5, 5)
+    a = augmenter(["hflip", "shift"], torch.Generator().manual_seed(3))(x)
+    b = augmenter(["hflip", "shift"], torch.Generator().manual_seed(3))(x)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augmenter(["rotate"], torch.Generator())
+    with pytest.raises(ValueError, match=r"image batches \(B, C, H, W\)"):
+        augmenter(["hflip"], torch.Generator())(torch.rand(8, 25))

@@ -169,3 +169,16 @@ def test_head_settings_need_a_model_with_a_head(tmp_path):
         from_dict({"head_lr_scale": 0.0})
     with pytest.raises(ConfigError, match="head_weight_decay must be a non-negative"):
         from_dict({"head_weight_decay": -1.0})
+
+
+def test_augmentation_changes_training_deterministically(tmp_path):
+    base = dict(epochs=1, method="bp", lr=1e-2, batch_size=32)
+    plain = train(cfg(tmp_path / "a", **base), log=lambda s: None)
+    aug = train(cfg(tmp_path / "b", augment=["hflip", "shift"], **base), log=lambda s: None)
+    again = train(cfg(tmp_path / "c", augment=["hflip", "shift"], **base), log=lambda s: None)
+    assert aug.rows[0]["train_loss"] != plain.rows[0]["train_loss"]
+    assert aug.rows[0]["train_loss"] == again.rows[0]["train_loss"]
+    with pytest.raises(ConfigError, match="augment must be one of"):
+        from_dict({"augment": ["rotate"]})
+    with pytest.raises(ConfigError, match="augment is single-process only"):
+        from_dict({"augment": ["hflip"], "distributed": "data"})

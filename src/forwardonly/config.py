@@ -44,6 +44,9 @@ class TrainConfig:
                               "<dataset>/ folders); defaults to $FORWARDONLY_DATA.")
     standardize: bool = _f(True, "Map each channel to zero mean, unit variance using the "
                            "training split's statistics.")
+    augment: list[str] = _f([], "Training augmentation, applied in order: hflip (mirror "
+                            "left-right with probability 1/2), shift (translate by up to 2 "
+                            "pixels). Default: none.")
     # model
     model: str = _f("mlp", "Model: mlp, cnn (and any other registered model).")
     widths: list[int] = _f([256, 256], "MLP hidden widths, e.g. --widths 1024 1024.")
@@ -147,6 +150,8 @@ class TrainConfig:
             problems.append("clip_grad needs a gradient buffer; it cannot be combined with "
                             "optimizer sgd-inplace")
         one_of("schedule", self.schedule, ("cosine", "constant", "half-linear"))
+        for name in self.augment:
+            one_of("augment", name, ("hflip", "shift"))
         for name in ("directions", "batch_size", "epochs", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1; got {getattr(self, name)}")
@@ -175,6 +180,8 @@ class TrainConfig:
             if self.optimizer == "sgd-inplace":
                 problems.append("optimizer sgd-inplace is single-process only; use sgd or "
                                 "adam with --distributed")
+            if self.augment:
+                problems.append("augment is single-process only; drop it with --distributed")
         if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
             problems.append(f"dist_timeout must be a positive number of seconds; "
                             f"got {self.dist_timeout}")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, TrainConfig, from_dict
 from ..data import Dataset, load_dataset, standardize
+from ..data.augment import augmenter
 from ..estimators import Estimator, make_estimator
 from ..estimators.base import ESTIMATORS, mix_seed
 from ..models import MODELS, build_model
@@ -208,9 +209,15 @@ def train(config: TrainConfig, *, resume: bool = False,
 
 def _train_epoch(config, est, opt, sched, x, y, epoch, run_dir) -> dict[str, Any]:
     est.model.train()
+    augment = None
+    if config.augment:  # drawn from (seed, epoch): a resumed run augments alike
+        gen = torch.Generator().manual_seed(mix_seed(config.seed, epoch, 1))
+        augment = augmenter(config.augment, gen)
 
     def train_step(idx: Tensor) -> dict[str, float]:
         xb, yb = x[idx].to(config.device), y[idx].to(config.device)
+        if augment is not None:
+            xb = augment(xb)
         if config.optimizer == "sgd-inplace":  # no gradient buffer (MeZO-style)
             stats = est.sgd_step(xb, yb, lr=opt.param_groups[0]["lr"],
                                  weight_decay=config.weight_decay)
