@@ -2,10 +2,11 @@
 30.68 % test error, BP 33.62 %, L-BP 30.75 % after the paper's full schedule).
 
 The same recipe as the MNIST table (batch 128, SGD momentum 0.9, warmup then cosine, weight
-decay 1e-4 on the weights) plus random horizontal flips, as the paper's input pipeline has.
-Every epoch appends a row to the CSV and writes a checkpoint; a run resumes from its
-checkpoint, and ``--chunk N`` stops after N epochs of the current call — so a long schedule
-runs as a series of short calls (e.g. 10-minute GPU sessions):
+decay 1e-4 on the weights) plus random horizontal flips (``--augment hflip``), as the paper's
+input pipeline has, through ``forwardonly.train``. Every epoch appends a row to the CSV and
+writes a checkpoint in the run's directory; a run resumes from its checkpoint, and
+``--chunk N`` (the trainer's ``--stop-after``) stops after N epochs of the current call — so
+a long schedule runs as a series of short calls (e.g. 10-minute GPU sessions):
 
     # CPU: a fixed small budget, in the background
     nohup nice -n 10 .venv/bin/python benchmarks/local_cifar.py --epochs 3 &
@@ -18,20 +19,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 
 import torch
 
-from local_common import OUT, PAPER, load, train_run
+from local_common import OUT, PAPER, train_run
 
 # peak learning rates: the MNIST sweep's choices (local_lr_sweep.py); no CIFAR sweep fits the CPU
 LRS = {"bp": 0.1, "l-bp": 0.1, "lg-fg-a": 0.03}
-
-
-def flip_half(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips, each image with probability 1/2 (drawn from ``generator``)."""
-    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def report(csv_path, tag: str) -> str:
@@ -62,24 +56,17 @@ def main() -> None:
     ap.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--tag", default=None, help="run name (CSV, checkpoints)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None,
-                    help="train on the first N images only (smoke tests)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tag = args.tag or f"cpu{args.epochs}"
     warmup = args.warmup if args.warmup is not None else (5.0 if args.epochs >= 50 else 1.0)
-    data = load("cifar10")
-    if args.limit is not None:
-        data = dataclasses.replace(data, train_x=data.train_x[: args.limit],
-                                   train_y=data.train_y[: args.limit])
     csv_path = OUT / f"cifar_{tag}.csv"
     for method in args.methods:
-        train_run(preset="M/8/16", method=method, data=data, epochs=args.epochs,
+        train_run(preset="M/8/16", method=method, dataset="cifar10", epochs=args.epochs,
                   lr=LRS[method], warmup_epochs=warmup, seed=args.seed,
                   distribution=args.distribution, device=args.device, csv_path=csv_path,
-                  ckpt_path=OUT / "ckpt" / f"cifar_{tag}_{method}.pt",
-                  stop_after=args.chunk, augment=flip_half if args.flip else None,
-                  extra={"tag": tag})
+                  run_dir=OUT / "ckpt" / f"cifar_{tag}_{method}", stop_after=args.chunk,
+                  augment=["hflip"] if args.flip else [], extra={"tag": tag})
         (OUT / f"cifar_{tag}.md").write_text(report(csv_path, tag))
     print(report(csv_path, tag))
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from local_common import METHODS, OUT, load, train_run
+from forwardonly.train import TrainingDiverged
+from local_common import METHODS, OUT, train_run
 
 
 def main() -> None:
@@ -25,15 +26,16 @@ def main() -> None:
     ap.add_argument("--csv", default=str(OUT / "lr_sweep.csv"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = load("mnist")
     for preset in args.presets:
         for method in args.methods:
             for lr in args.lrs:
+                tag = f"sweep_{preset.replace('/', '-')}_{method}_lr{lr:g}_e{args.epochs}"
                 try:
-                    train_run(preset=preset, method=method, data=data, epochs=args.epochs,
-                              lr=lr, warmup_epochs=1, csv_path=Path(args.csv),
+                    train_run(preset=preset, method=method, dataset="mnist",
+                              epochs=args.epochs, lr=lr, warmup_epochs=1,
+                              csv_path=Path(args.csv), run_dir=OUT / "ckpt" / tag,
                               train_eval=5000)
-                except FloatingPointError as exc:
+                except TrainingDiverged as exc:
                     print(f"diverged: {exc}")
 
 

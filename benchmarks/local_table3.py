@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from local_common import OUT, PAPER, load, train_run
+from local_common import OUT, PAPER, train_run
 
 METHODS = ("lg-fg-a", "bp", "l-bp", "lg-bp", "fg-a", "lg-fg-w", "fg-w", "fg-w-mixer",
            "heads-only")
@@ -83,14 +83,12 @@ def main() -> None:
     args = ap.parse_args()
     if not args.report:
         torch.set_num_threads(args.threads)
-        data = load("mnist")
         for method in args.methods:
             for preset in args.presets:
                 tag = f"{preset.replace('/', '-')}_{method}_e{args.epochs}_s{args.seed}"
-                train_run(preset=preset, method=method, data=data, epochs=args.epochs,
+                train_run(preset=preset, method=method, dataset="mnist", epochs=args.epochs,
                           lr=LR_PRESET.get((preset, method), LRS[method]), warmup_epochs=1,
-                          seed=args.seed, csv_path=CSV,
-                          ckpt_path=OUT / "ckpt" / f"{tag}.pt")
+                          seed=args.seed, csv_path=CSV, run_dir=OUT / "ckpt" / tag)
                 (OUT / "table3_mnist.md").write_text(report(CSV, args.epochs))
     text = report(CSV, args.epochs)
     (OUT / "table3_mnist.md").write_text(text)

@@ -182,3 +182,35 @@ def test_augmentation_changes_training_deterministically(tmp_path):
         from_dict({"augment": ["rotate"]})
     with pytest.raises(ConfigError, match="augment is single-process only"):
         from_dict({"augment": ["hflip"], "distributed": "data"})
+
+
+def test_stop_after_splits_a_run_into_chunks_that_equal_one_run(tmp_path):
+    base = dict(epochs=3, method="fg-w", lr=1e-2, train_eval_size=100)
+    whole = train(cfg(tmp_path / "whole", **base), log=lambda s: None)
+    first = train(cfg(tmp_path / "chunks", stop_after=2, **base), log=lambda s: None)
+    assert len(first.rows) == 2
+    rest = train(cfg(tmp_path / "chunks", stop_after=2, **base), resume=True,
+                 log=lambda s: None)
+    assert [r["train_loss"] for r in rest.rows] == [r["train_loss"] for r in whole.rows]
+    assert all(round(100 * r["train_error"]) == 100 * r["train_error"] for r in rest.rows)
+    with pytest.raises(ConfigError, match="stop_after must be at least 1"):
+        from_dict({"stop_after": 0})
+
+
+def test_no_decay_biases_decays_weight_matrices_only(tmp_path):
+    from forwardonly.train.loop import make_optimizer
+
+    config = cfg(tmp_path, method="bp", optimizer="sgd", weight_decay=1e-3, decay_biases=False)
+    model = forwardonly.models.build_model("mlp", (1, 8, 8), 10, widths=[16])
+    matrices, vectors = make_optimizer(config, model).param_groups
+    assert all(p.dim() == 2 for p in matrices["params"]) and matrices["weight_decay"] == 1e-3
+    assert all(p.dim() == 1 for p in vectors["params"]) and vectors["weight_decay"] == 0.0
+    assert len(matrices["params"]) + len(vectors["params"]) == len(list(model.parameters()))
+    mixer = forwardonly.models.build_model("local-mixer", (1, 8, 8), 10, preset="tiny")
+    decayed, plain = make_optimizer(config, mixer).param_groups
+    grouped_bias = mixer.blocks[0].layers[1].bias  # (G, C/G): a bias, though 2-D
+    assert grouped_bias.dim() == 2 and any(p is grouped_bias for p in plain["params"])
+    assert {id(p) for p in decayed["params"]} == {
+        id(p) for n, p in mixer.named_parameters() if n.endswith("weight")}
+    with pytest.raises(ConfigError, match="--no-decay-biases needs a torch optimizer"):
+        from_dict({"optimizer": "sgd-inplace", "decay_biases": False})

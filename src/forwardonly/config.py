@@ -95,6 +95,9 @@ class TrainConfig:
     lr: float = _f(1e-3, "Peak learning rate.")
     momentum: float = _f(0.9, "SGD momentum (ignored by adam).")
     weight_decay: float = _f(0.0, "Weight decay (decoupled for adam: AdamW).")
+    decay_biases: bool = _f(True, "Apply weight decay to biases and other 1-D parameters "
+                            "too; --no-decay-biases decays the weights only (the LocalMixer "
+                            "paper's recipe).")
     head_lr_scale: float = _f(1.0, "Learning-rate multiplier of the model's linear readout "
                               "`head` (FF networks; Hinton's code uses 10).")
     head_weight_decay: float | None = _f(None, "Weight decay of the model's readout `head` "
@@ -107,6 +110,12 @@ class TrainConfig:
     batch_size: int = _f(64, "Training mini-batch size.")
     epochs: int = _f(10, "Number of passes over the training set.")
     eval_batch_size: int = _f(1000, "Batch size for evaluation (no effect on results).")
+    train_eval_size: int | None = _f(None, "Measure the train error on the first N training "
+                                     "examples only (default: all of them; on large sets "
+                                     "that costs a good part of an epoch).")
+    stop_after: int | None = _f(None, "Stop after this many epochs of this call, keeping the "
+                                "checkpoint; continue later with --resume (the schedule "
+                                "still spans --epochs): runs split into short sessions.")
     # run
     seed: int = _f(0, "Seed of everything: initialisation, shuffling, directions.")
     device: str = _f("cpu", "Device: cpu or cuda (cuda:N).")
@@ -167,12 +176,19 @@ class TrainConfig:
                 math.isfinite(self.head_weight_decay) and self.head_weight_decay >= 0):
             problems.append(f"head_weight_decay must be a non-negative number when set; "
                             f"got {self.head_weight_decay}")
+        if self.optimizer == "sgd-inplace" and not self.decay_biases:
+            problems.append("--no-decay-biases needs a torch optimizer; use optimizer sgd or "
+                            "adam")
         if self.optimizer == "sgd-inplace" and (self.head_lr_scale != 1.0
                                                 or self.head_weight_decay is not None):
             problems.append("head_lr_scale and head_weight_decay need a torch optimizer; use "
                             "optimizer sgd or adam")
         if self.warmup_epochs > self.epochs:
             problems.append(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        for name in ("train_eval_size", "stop_after"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                problems.append(f"{name} must be at least 1 when set; got {v}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             problems.append(f"clip_grad must be positive when set; got {self.clip_grad}")
         if self.distributed is not None:

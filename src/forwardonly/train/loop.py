@@ -39,7 +39,7 @@ from . import checkpoint, records
 CHECKPOINT = "checkpoint.pt"
 # Fields that may differ when resuming (they do not change the numbers a run computes).
 RESUMABLE_CHANGES = {"epochs", "progress", "device", "threads", "eval_batch_size", "data_dir",
-                     "dist_timeout"}
+                     "dist_timeout", "stop_after", "train_eval_size"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,9 +83,18 @@ def build(config: TrainConfig, data: Dataset) -> tuple[nn.Module, Estimator]:
 
 
 def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
-    """The trainable parameters as optimizer groups: the body, then the model's readout
-    ``head`` when ``head_lr_scale`` / ``head_weight_decay`` give it its own settings."""
+    """The trainable parameters as optimizer groups: weights apart from biases and other 1-D
+    parameters (``decay_biases=False``), or the body and the model's readout ``head`` when
+    ``head_lr_scale`` / ``head_weight_decay`` give it its own settings."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if not config.decay_biases:
+        if config.head_lr_scale != 1.0 or config.head_weight_decay is not None:
+            raise ConfigError("--no-decay-biases cannot be combined with --head-lr-scale / "
+                              "--head-weight-decay yet; use one of the two")
+        plain = {id(p) for name, p in model.named_parameters()
+                 if p.dim() <= 1 or name.rsplit(".", 1)[-1] == "bias"}
+        return [{"params": [p for p in params if id(p) not in plain]},
+                {"params": [p for p in params if id(p) in plain], "weight_decay": 0.0}]
     if config.head_lr_scale == 1.0 and config.head_weight_decay is None:
         return [{"params": params}]
     head = getattr(model, "head", None)
@@ -186,9 +195,14 @@ def train(config: TrainConfig, *, resume: bool = False,
     train_x, train_y = (data.train_x.to(config.device), data.train_y.to(config.device)) \
         if on_gpu else (data.train_x, data.train_y)
 
+    n_eval = config.train_eval_size or len(data.train_x)
     for epoch in range(start, config.epochs + 1):
+        if config.stop_after is not None and epoch - start >= config.stop_after:
+            log(f"stopping after {config.stop_after} epoch(s) (--stop-after); continue with "
+                f"--resume --out {run_dir}")
+            break
         row = _train_epoch(config, est, opt, sched, train_x, train_y, epoch, run_dir)
-        row["train_error"] = error_rate(est, data.train_x, data.train_y,
+        row["train_error"] = error_rate(est, data.train_x[:n_eval], data.train_y[:n_eval],
                                         config.eval_batch_size, config.device)
         row["test_error"] = error_rate(est, data.test_x, data.test_y,
                                        config.eval_batch_size, config.device)
