@@ -93,23 +93,33 @@ def train_run(*, preset: str, method: str, dataset: str, epochs: int, lr: float,
     if not resume:  # rows of an earlier run that left no checkpoint cannot be continued
         _drop_rows(csv_path, key)
     metrics = run_dir / "metrics.csv"
-    done = len(list(csv.DictReader(metrics.open()))) if metrics.is_file() else 0
+    done = max(finished) if resume and finished else 0  # last epoch already in the CSV
+    rows: list[dict[str, Any]] = []
 
-    def quiet(message: str) -> None:
+    def sync() -> None:  # the trainer's new metrics rows -> the benchmark's CSV
+        nonlocal done
+        if not metrics.is_file():
+            return
+        new = [r for r in csv.DictReader(metrics.open()) if int(r["epoch"]) > done]
+        for r in new:
+            row = {"preset": preset, "method": method, "epoch": int(r["epoch"]),
+                   "epochs": epochs, "lr": lr, "directions": directions,
+                   "train_loss": float(r["train_loss"]),
+                   "local_loss": float(r.get("local_loss") or "nan"),
+                   "train_error": 100 * float(r["train_error"]),
+                   "test_error": 100 * float(r["test_error"]),
+                   "epoch_seconds": round(float(r["seconds"]), 1), **(extra or {})}
+            append_row(csv_path, row)
+            rows.append(row)
+            done = row["epoch"]
+
+    def on_epoch(message: str) -> None:  # called once per finished epoch (and on resume)
+        sync()
         log(f"{preset} {method}: {message}")
 
-    result = train(config, resume=resume, log=quiet)
-    rows = []
-    for r in result.rows[done:]:
-        row = {"preset": preset, "method": method, "epoch": r["epoch"], "epochs": epochs,
-               "lr": lr, "directions": directions, "train_loss": r["train_loss"],
-               "local_loss": r.get("local_loss", float("nan")),
-               "train_error": 100 * r["train_error"], "test_error": 100 * r["test_error"],
-               "epoch_seconds": round(r["seconds"], 1), **(extra or {})}
-        append_row(csv_path, row)
-        rows.append(row)
+    train(config, resume=resume, log=on_epoch)
+    sync()
     return rows
-
 
 def _matches(row: dict[str, str], key: dict[str, Any]) -> bool:
     return all(str(row.get(k)) == str(v) for k, v in key.items())
