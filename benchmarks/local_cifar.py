@@ -9,10 +9,11 @@ writes a checkpoint in the run's directory; a run resumes from its checkpoint, a
 a long schedule runs as a series of short calls (e.g. 10-minute GPU sessions):
 
     # CPU: a fixed small budget, in the background
-    nohup nice -n 10 .venv/bin/python benchmarks/local_cifar.py --epochs 3 &
+    nohup nice -n 10 .venv/bin/python benchmarks/local_cifar.py --epochs 2 --threads 1 &
     # GPU: the paper-length schedule in chunks; repeat the same command until it is done
     .venv/bin/python benchmarks/local_cifar.py --device cuda --epochs 200 --chunk 20 \\
         --tag gpu200
+    .venv/bin/python benchmarks/local_cifar.py --epochs 2 --report   # table + plot from the CSV
 """
 
 from __future__ import annotations
@@ -43,6 +44,35 @@ def report(csv_path, tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(csv_path, png_path, tag: str) -> None:
+    """Test and train error per epoch, one line per method, the paper's full-schedule test
+    errors as dotted levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in csv.DictReader(csv_path.open())] if csv_path.exists() else []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        mine = [r for r in rows if r["method"] == method]
+        epochs = [int(r["epoch"]) for r in mine]
+        color = f"C{i}"
+        ax.plot(epochs, [float(r["test_error"]) for r in mine], "o-", color=color,
+                label=f"{method.upper()} test")
+        ax.plot(epochs, [float(r["train_error"]) for r in mine], "o--", color=color,
+                alpha=0.5, label=f"{method.upper()} train")
+        paper = PAPER.get(("M/8/16", method))
+        if paper:
+            ax.axhline(paper[0], color=color, linestyle=":", linewidth=1)
+    ax.set(xlabel="epoch", ylabel="error (%)",
+           title=f"CIFAR-10, LocalMixer M/8/16 (run {tag}); dotted: paper, full schedule")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--methods", nargs="+", default=["lg-fg-a", "bp", "l-bp"])
@@ -56,18 +86,23 @@ def main() -> None:
     ap.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--tag", default=None, help="run name (CSV, checkpoints)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report", action="store_true",
+                    help="only rewrite the markdown table and the plot from the CSV")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tag = args.tag or f"cpu{args.epochs}"
     warmup = args.warmup if args.warmup is not None else (5.0 if args.epochs >= 50 else 1.0)
     csv_path = OUT / f"cifar_{tag}.csv"
-    for method in args.methods:
+    for method in [] if args.report else args.methods:
         train_run(preset="M/8/16", method=method, dataset="cifar10", epochs=args.epochs,
                   lr=LRS[method], warmup_epochs=warmup, seed=args.seed,
                   distribution=args.distribution, device=args.device, csv_path=csv_path,
                   run_dir=OUT / "ckpt" / f"cifar_{tag}_{method}", stop_after=args.chunk,
                   augment=["hflip"] if args.flip else [], extra={"tag": tag})
         (OUT / f"cifar_{tag}.md").write_text(report(csv_path, tag))
+        plot(csv_path, OUT / f"cifar_{tag}.png", tag)
+    (OUT / f"cifar_{tag}.md").write_text(report(csv_path, tag))
+    plot(csv_path, OUT / f"cifar_{tag}.png", tag)
     print(report(csv_path, tag))
 
 
