@@ -17,6 +17,7 @@ Writes ``<tag>-readout.md`` (in ``--out``, or in the run directory) and prints i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from ff_mnist import DEFAULT_DATA, ROOT, build
 from forwardonly.data import load_dataset, standardize
-from forwardonly.ff.readout import error_rate, readout_features, refit_head
+from forwardonly.ff.readout import readout_error, readout_features, refit_head
 
 
 def load_script_run(out: Path, tag: str, data_dir: Path):
@@ -56,7 +57,7 @@ def load_trainer_run(run_dir: Path):
     ds = load_dataset(config.dataset, config.data_dir)
     if config.standardize:  # the inputs exactly as the run saw them
         ds = standardize(ds)
-    model, _ = build_run(config, ds)
+    model, _ = build_run(dataclasses.replace(config, device="cpu"), ds)
     state = checkpoint.load(run_dir / "checkpoint.pt")
     model.load_state_dict(state["model"])
     return model, ds, (f"{config.ff_mode}, {state['epoch']}/{config.epochs} epochs, widths "
@@ -83,12 +84,11 @@ def main() -> None:
         command = f"--tag {args.tag}"
 
     t0 = time.perf_counter()
-    before = error_rate(readout_features(model, ds.test_x), ds.test_y,
+    before = readout_error(readout_features(model, ds.test_x), ds.test_y,
                         model.head.weight, model.head.bias)
-    held_out = min(10_000, len(ds.train_y) // 6)
-    report = refit_head(model, ds.train_x, ds.train_y, held_out=held_out)
+    report = refit_head(model, ds.train_x, ds.train_y)
     test_feats = readout_features(model, ds.test_x)
-    after = error_rate(test_feats, ds.test_y, model.head.weight, model.head.bias)
+    after = readout_error(test_feats, ds.test_y, model.head.weight, model.head.bias)
     seconds = time.perf_counter() - t0
     lines = [
         f"Run `{args.tag}` ({about}): linear softmax readout on the normalized activities of "
@@ -100,7 +100,7 @@ def main() -> None:
         f"| refitted on the final features (L2 {report['weight_decay']:g}) | "
         f"{100 * after:.2f} |",
         "",
-        f"Held-out error (last {held_out:,} training images) per L2 weight: "
+        f"Held-out error (last {report['held_out']:,} training images) per L2 weight: "
         + ", ".join(f"{lam:g}: {100 * e:.2f}%" for lam, e in report["held_out_errors"].items())
         + f". Refit time {seconds:.0f} s. Command: `python benchmarks/ff_readout.py "
         f"{command}`.",

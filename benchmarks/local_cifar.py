@@ -101,8 +101,9 @@ def main() -> None:
                   augment=["hflip"] if args.flip else [], extra={"tag": tag})
         (OUT / f"cifar_{tag}.md").write_text(report(csv_path, tag))
         plot(csv_path, OUT / f"cifar_{tag}.png", tag)
-    (OUT / f"cifar_{tag}.md").write_text(report(csv_path, tag))
-    plot(csv_path, OUT / f"cifar_{tag}.png", tag)
+    if args.report:
+        (OUT / f"cifar_{tag}.md").write_text(report(csv_path, tag))
+        plot(csv_path, OUT / f"cifar_{tag}.png", tag)
     print(report(csv_path, tag))
 
 

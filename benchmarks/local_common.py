@@ -121,6 +121,7 @@ def train_run(*, preset: str, method: str, dataset: str, epochs: int, lr: float,
     sync()
     return rows
 
+
 def _matches(row: dict[str, str], key: dict[str, Any]) -> bool:
     return all(str(row.get(k)) == str(v) for k, v in key.items())
 

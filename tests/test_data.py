@@ -458,12 +458,11 @@ def test_real_cifar10() -> None:
 
 
 def _manual_shift(img, dy, dx):
-    """img (C, H, W) moved down by dy and right by dx, zero-filled."""
-    out = torch.zeros_like(img)
+    """img (C, H, W) moved down by dy and right by dx, edge pixels repeated."""
     h, w = img.shape[1:]
-    out[:, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
-        img[:, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
-    return out
+    rows = (torch.arange(h) - dy).clamp(0, h - 1)
+    cols = (torch.arange(w) - dx).clamp(0, w - 1)
+    return img[:, rows][:, :, cols]
 
 
 def test_hflip_mirrors_about_half_of_the_images():

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from forwardonly.ff import FFNet
 from forwardonly.ff.readout import (
     choose_weight_decay,
-    error_rate,
     fit_linear_softmax,
+    readout_error,
     readout_features,
     refit_head,
 )
@@ -38,7 +38,7 @@ def test_fit_reaches_the_optimum_of_the_regularized_loss():
 def test_fit_separates_separable_classes():
     x, y = _blobs(spread=0.1)
     w, b = fit_linear_softmax(x, y, 4, weight_decay=0.0)
-    assert error_rate(x, y, w, b) == 0.0
+    assert readout_error(x, y, w, b) == 0.0
 
 
 def test_weight_decay_is_chosen_on_held_out_rows():
@@ -57,9 +57,9 @@ def test_refit_head_replaces_the_head_and_fits_the_training_features():
     net = FFNet((1, 8, 8), 4, [32, 32, 32], mode="unsupervised", seed=0)
     x, y = _blobs(n=400, dim=64, classes=4, spread=0.5)
     x = x.view(-1, 1, 8, 8)
-    before = error_rate(readout_features(net, x), y, net.head.weight, net.head.bias)
+    before = readout_error(readout_features(net, x), y, net.head.weight, net.head.bias)
     report = refit_head(net, x, y, candidates=(1e-4, 1e-2), held_out=100)
-    after = error_rate(readout_features(net, x), y, net.head.weight, net.head.bias)
+    after = readout_error(readout_features(net, x), y, net.head.weight, net.head.bias)
     assert report["weight_decay"] in (1e-4, 1e-2)
     assert before > 0.5  # the zero-initialized head guesses one class
     assert after < 0.1

@@ -46,7 +46,7 @@ class TrainConfig:
                            "training split's statistics.")
     augment: list[str] = _f([], "Training augmentation, applied in order: hflip (mirror "
                             "left-right with probability 1/2), shift (translate by up to 2 "
-                            "pixels). Default: none.")
+                            "pixels, edges repeated).")
     # model
     model: str = _f("mlp", "Model: mlp, cnn (and any other registered model).")
     widths: list[int] = _f([256, 256], "MLP hidden widths, e.g. --widths 1024 1024.")
@@ -103,16 +103,16 @@ class TrainConfig:
     head_weight_decay: float | None = _f(None, "Weight decay of the model's readout `head` "
                                          "(default: --weight-decay; Hinton's FF code uses 3x).")
     schedule: str = _f("cosine", "Learning-rate schedule after warmup: cosine, constant, or "
-                       "half-linear (constant for the first half of the steps, then linear "
-                       "to zero: Hinton's FF schedule).")
+                       "half-linear (constant for the first half of the steps after warmup, "
+                       "then linear to zero: Hinton's FF schedule).")
     warmup_epochs: float = _f(0.0, "Linear warmup length in epochs (fractions allowed).")
     clip_grad: float | None = _f(None, "Clip the gradient estimate's global norm to this value.")
     batch_size: int = _f(64, "Training mini-batch size.")
     epochs: int = _f(10, "Number of passes over the training set.")
     eval_batch_size: int = _f(1000, "Batch size for evaluation (no effect on results).")
     train_eval_size: int | None = _f(None, "Measure the train error on the first N training "
-                                     "examples only (default: all of them; on large sets "
-                                     "that costs a good part of an epoch).")
+                                     "examples only (unset: all of them, which on large sets "
+                                     "costs a good part of an epoch).")
     stop_after: int | None = _f(None, "Stop after this many epochs of this call, keeping the "
                                 "checkpoint; continue later with --resume (the schedule "
                                 "still spans --epochs): runs split into short sessions.")
@@ -176,6 +176,10 @@ class TrainConfig:
                 math.isfinite(self.head_weight_decay) and self.head_weight_decay >= 0):
             problems.append(f"head_weight_decay must be a non-negative number when set; "
                             f"got {self.head_weight_decay}")
+        if not self.decay_biases and (self.head_lr_scale != 1.0
+                                      or self.head_weight_decay is not None):
+            problems.append("--no-decay-biases cannot be combined with --head-lr-scale / "
+                            "--head-weight-decay; use one of the two")
         if self.optimizer == "sgd-inplace" and not self.decay_biases:
             problems.append("--no-decay-biases needs a torch optimizer; use optimizer sgd or "
                             "adam")

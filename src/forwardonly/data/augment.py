@@ -3,8 +3,10 @@
 - ``hflip``: each image mirrored left-right with probability 1/2 (the CIFAR-10 pipeline of
   Ren et al. 2023).
 - ``shift``: each image translated by a uniform integer offset in ``[-2, 2]`` along each
-  axis, zero-filled (Hinton's "jittered" MNIST for Forward-Forward shifts by up to two
-  pixels).
+  axis, the pixels moved in from outside copying the nearest edge pixel (Hinton's
+  "jittered" MNIST for Forward-Forward shifts by up to two pixels). Edges are repeated
+  rather than zero-filled because the trainer augments *standardized* images, where 0 is
+  the mean pixel, not the background; on MNIST the edges are background anyway.
 
 Both act on ``(B, C, H, W)`` batches; the generator is seeded per epoch by the trainer, so a
 resumed run draws the same augmentations.
@@ -29,11 +31,11 @@ def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
 
 def random_shift(x: Tensor, generator: torch.Generator, max_shift: int = MAX_SHIFT) -> Tensor:
     """Each image of ``x`` (B, C, H, W) moved by ``(dy, dx)`` drawn uniformly from
-    ``[-max_shift, max_shift]²``; pixels moved in from outside are 0."""
+    ``[-max_shift, max_shift]²``; pixels moved in from outside repeat the nearest edge."""
     b, _, h, w = x.shape
     s = max_shift
     offsets = torch.randint(0, 2 * s + 1, (2, b), generator=generator).to(x.device)
-    padded = F.pad(x, (s, s, s, s))  # (B, C, H + 2s, W + 2s)
+    padded = F.pad(x, (s, s, s, s), mode="replicate")  # (B, C, H + 2s, W + 2s)
     rows = (offsets[0].view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1)
     cols = (offsets[1].view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w)
     batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)

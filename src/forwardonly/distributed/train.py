@@ -36,7 +36,7 @@ from ..train.loop import (
     prepare_run_dir,
     run_epoch,
 )
-from ..train.schedule import warmup_cosine
+from ..train.schedule import lr_schedule
 from .data import DataParallelWorker
 from .runtime import LaunchEnv, Session
 from .stages import StageWorker
@@ -92,7 +92,7 @@ def _train(s: Session, config: TrainConfig, resume: bool, log: Callable[[str], N
     del model, est  # a stage rank keeps only its own layers
     opt = make_optimizer(config, worker.module)
     steps_per_epoch = math.ceil(len(data.train_x) / config.batch_size)
-    sched = warmup_cosine(opt, config.epochs * steps_per_epoch,
+    sched = lr_schedule(opt, config.epochs * steps_per_epoch,
                           round(config.warmup_epochs * steps_per_epoch), config.schedule)
     rows: list[dict[str, Any]] = []
     start = 1
@@ -114,9 +114,14 @@ def _train(s: Session, config: TrainConfig, resume: bool, log: Callable[[str], N
     train_x, train_y = (data.train_x.to(s.device), data.train_y.to(s.device)) if on_gpu \
         else (data.train_x, data.train_y)
 
+    n_eval = config.train_eval_size or len(data.train_x)
     for epoch in range(start, config.epochs + 1):
+        if config.stop_after is not None and epoch - start >= config.stop_after:
+            log(f"stopping after {config.stop_after} epoch(s) (--stop-after); continue with "
+                f"--resume --out {run_dir}")
+            break
         row = _train_epoch(config, s, worker, opt, sched, train_x, train_y, epoch, run_dir)
-        row["train_error"] = worker.error_rate(data.train_x, data.train_y,
+        row["train_error"] = worker.error_rate(data.train_x[:n_eval], data.train_y[:n_eval],
                                                config.eval_batch_size,
                                                f"train error, epoch {epoch}")
         row["test_error"] = worker.error_rate(data.test_x, data.test_y, config.eval_batch_size,

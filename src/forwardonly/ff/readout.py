@@ -8,8 +8,12 @@ final ones, by full-batch L-BFGS on the L2-regularized cross-entropy
 
     min_W,b  (1/N) Σ_i CE(W f_i + b, y_i) + (λ/2) ‖W‖²
 
-— a convex problem, so the result depends only on λ, which :func:`choose_weight_decay` picks
-on a held-out part of the *training* set (the test set plays no part).
+— for λ > 0 a strictly convex problem with one minimizer, which :func:`choose_weight_decay`
+picks λ for on a held-out part of the *training* set (the test set plays no part). (With
+λ = 0 and separable features there is no minimizer; the fit then stops at ``max_iter``.)
+
+Refitting changes the softmax readout (``FFNet.readout_logits``, which is ``model(x)`` when
+``readout="softmax"``); a supervised net predicting by goodness keeps its predictions.
 """
 
 from __future__ import annotations
@@ -29,10 +33,17 @@ def readout_features(model: FFNet, x: Tensor, batch_size: int = 1000) -> Tensor:
     (neutral label when supervised), computed in batches."""
     was_training = model.training
     model.eval()
-    out = [model.features(model.activities(model.neutral(model.flatten(xb))))
-           for xb in x.split(batch_size)]
+    device = model.head.weight.device
+    out = None
+    for start, xb in zip(range(0, len(x), batch_size), x.split(batch_size), strict=True):
+        f = model.features(model.activities(model.neutral(model.flatten(xb.to(device)))))
+        if out is None:  # filled in place: no second copy of an (N, F) matrix
+            out = torch.empty(len(x), f.shape[1], dtype=f.dtype, device=device)
+        out[start:start + len(f)] = f
     model.train(was_training)
-    return torch.cat(out)
+    if out is None:
+        raise ValueError("readout_features needs at least one image")
+    return out
 
 
 def fit_linear_softmax(features: Tensor, targets: Tensor, num_classes: int, *,
@@ -49,8 +60,9 @@ def fit_linear_softmax(features: Tensor, targets: Tensor, num_classes: int, *,
         )
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    w = torch.zeros(num_classes, features.shape[1], requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
+    like = {"dtype": features.dtype, "device": features.device}
+    w = torch.zeros(num_classes, features.shape[1], **like, requires_grad=True)
+    b = torch.zeros(num_classes, **like, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=tolerance, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")
@@ -66,8 +78,8 @@ def fit_linear_softmax(features: Tensor, targets: Tensor, num_classes: int, *,
     return w.detach(), b.detach()
 
 
-def error_rate(features: Tensor, targets: Tensor, w: Tensor, b: Tensor) -> float:
-    """Fraction of rows whose largest score is not the target."""
+def readout_error(features: Tensor, targets: Tensor, w: Tensor, b: Tensor) -> float:
+    """Fraction of rows whose largest score under ``(w, b)`` is not the target."""
     return float(((features @ w.t() + b).argmax(1) != targets).float().mean())
 
 
@@ -86,17 +98,17 @@ def choose_weight_decay(features: Tensor, targets: Tensor, num_classes: int,
     errors = {}
     for lam in candidates:
         w, b = fit_linear_softmax(fit_x, fit_y, num_classes, weight_decay=lam)
-        errors[lam] = error_rate(val_x, val_y, w, b)
+        errors[lam] = readout_error(val_x, val_y, w, b)
     best = min(sorted(candidates, reverse=True), key=lambda lam: errors[lam])
     return best, errors
 
 
 def refit_head(model: FFNet, x: Tensor, y: Tensor, *, candidates: Sequence[float] =
-               (0.0, 1e-5, 1e-4, 1e-3, 1e-2), held_out: int | None = None) -> dict:
+               (1e-5, 1e-4, 1e-3, 1e-2), held_out: int | None = None) -> dict:
     """Refit ``model.head`` on the frozen features of the training images ``x``, ``y``:
     λ chosen on the last ``held_out`` of them (default: a sixth, at most 10,000), then the
-    head fitted on all. Returns ``{"weight_decay": λ, "held_out_errors": {λ: error}}``;
-    ``model.head`` holds the new readout.
+    head fitted on all. Returns ``{"weight_decay": λ, "held_out": rows,
+    "held_out_errors": {λ: error}}``; ``model.head`` holds the new readout.
     """
     if held_out is None:
         held_out = min(10_000, len(y) // 6)
@@ -106,4 +118,4 @@ def refit_head(model: FFNet, x: Tensor, y: Tensor, *, candidates: Sequence[float
     with torch.no_grad():
         model.head.weight.copy_(w)
         model.head.bias.copy_(b)
-    return {"weight_decay": lam, "held_out_errors": errors}
+    return {"weight_decay": lam, "held_out": held_out, "held_out_errors": errors}

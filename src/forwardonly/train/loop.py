@@ -37,7 +37,8 @@ from ..models import MODELS, build_model
 from . import checkpoint, records
 
 CHECKPOINT = "checkpoint.pt"
-# Fields that may differ when resuming (they do not change the numbers a run computes).
+# Fields that may differ when resuming: they do not change the trained weights (epochs
+# lengthens or shortens the schedule; train_eval_size changes only the recorded train error).
 RESUMABLE_CHANGES = {"epochs", "progress", "device", "threads", "eval_batch_size", "data_dir",
                      "dist_timeout", "stop_after", "train_eval_size"}
 
@@ -87,10 +88,7 @@ def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
     parameters (``decay_biases=False``), or the body and the model's readout ``head`` when
     ``head_lr_scale`` / ``head_weight_decay`` give it its own settings."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if not config.decay_biases:
-        if config.head_lr_scale != 1.0 or config.head_weight_decay is not None:
-            raise ConfigError("--no-decay-biases cannot be combined with --head-lr-scale / "
-                              "--head-weight-decay yet; use one of the two")
+    if not config.decay_biases:  # (TrainConfig.validate rules out the head settings here)
         plain = {id(p) for name, p in model.named_parameters()
                  if p.dim() <= 1 or name.rsplit(".", 1)[-1] == "bias"}
         return [{"params": [p for p in params if id(p) not in plain]},
@@ -110,7 +108,7 @@ def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd-inplace":  # carries only the schedule's lr; never stepped
+    if config.optimizer == "sgd-inplace":  # carries the schedule's lr; stepping it is a no-op
         return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     groups = param_groups(config, model)
     if config.optimizer == "sgd":
@@ -175,9 +173,9 @@ def train(config: TrainConfig, *, resume: bool = False,
     model, est = build(config, data)
     opt = make_optimizer(config, model)
     steps_per_epoch = math.ceil(len(data.train_x) / config.batch_size)
-    from .schedule import warmup_cosine
+    from .schedule import lr_schedule
 
-    sched = warmup_cosine(opt, config.epochs * steps_per_epoch,
+    sched = lr_schedule(opt, config.epochs * steps_per_epoch,
                           round(config.warmup_epochs * steps_per_epoch), config.schedule)
     rows: list[dict[str, Any]] = []
     start = 1

@@ -7,7 +7,7 @@ import math
 import torch
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                   kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
     """Multiplier ``s/w`` for step ``s < w``; then, with ``t`` going 0 → 1 over the remaining
     steps: ``½(1 + cos(π·t))`` (``kind="cosine"``), 1 (``"constant"``), or
