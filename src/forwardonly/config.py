@@ -101,7 +101,7 @@ class TrainConfig:
     head_lr_scale: float = _f(1.0, "Learning-rate multiplier of the model's linear readout "
                               "`head` (FF networks; Hinton's code uses 10).")
     head_weight_decay: float | None = _f(None, "Weight decay of the model's readout `head` "
-                                         "(default: --weight-decay; Hinton's FF code uses 3x).")
+                                         "(unset: --weight-decay; Hinton's FF code uses 3x).")
     schedule: str = _f("cosine", "Learning-rate schedule after warmup: cosine, constant, or "
                        "half-linear (constant for the first half of the steps after warmup, "
                        "then linear to zero: Hinton's FF schedule).")
