@@ -215,12 +215,21 @@ def train_epoch(est, opt, x: torch.Tensor, y: torch.Tensor, batch: int, gen: tor
     return total / steps, head / steps
 
 
+def recipe(ckpt: Path) -> str:
+    """Optimizer and precision of an own-loop run, from its checkpoint's config."""
+    if not ckpt.is_file():
+        return "—"
+    config = {"optimizer": "adam", **torch.load(ckpt, weights_only=False)["config"]}
+    wd = config.get("weight_decay") or 0
+    return f"{config['optimizer']} lr {config['lr']:g} wd {wd:g}, {config['precision']}"
+
+
 def write_summary(out: Path) -> None:
     """Rewrite ``summary.md``: the latest epoch of every run in ``out`` (both loops)."""
     lines = [
-        "| run | mode | epochs done | test error % | softmax-readout error % | s / epoch "
-        "(train) | total h | published |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | mode | recipe | epochs done | test error % | softmax-readout error % | "
+        "s / epoch (train) | total h | published |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(out.glob("*.csv")):  # this script's own loop
         with path.open() as f:
@@ -236,8 +245,8 @@ def write_summary(out: Path) -> None:
         soft = tested[-1]["test_error_softmax"] if tested else ""
         soft = "—" if soft in ("", "nan") else f"{float(soft):.2f}"
         lines.append(
-            f"| {path.stem} | {last['mode']} | {last['epoch']} / {last['epochs']} | "
-            f"{err} | {soft} | {mean_epoch:.0f} | "
+            f"| {path.stem} | {last['mode']} | {recipe(path.with_suffix('.pt'))} | "
+            f"{last['epoch']} / {last['epochs']} | {err} | {soft} | {mean_epoch:.0f} | "
             f"{float(last['total_s']) / 3600:.2f} | {REFERENCE.get(last['mode'], '')} |"
         )
     for path in sorted(out.glob("*-run/metrics.csv")):  # forwardonly.train run directories
@@ -252,7 +261,8 @@ def write_summary(out: Path) -> None:
         last = rows[-1]
         train_s = [float(r["seconds"]) for r in rows]
         lines.append(
-            f"| {path.parent.name} | {mode} | {last['epoch']} / {config['epochs']} | "
+            f"| {path.parent.name} | {mode} | {config['optimizer']}, trainer | "
+            f"{last['epoch']} / {config['epochs']} | "
             f"{100 * float(last['test_error']):.2f} | — | {sum(train_s) / len(rows):.0f} | "
             f"{sum(train_s) / 3600:.2f} (train only) | {REFERENCE.get(mode, '')} |"
         )
