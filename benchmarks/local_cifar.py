@@ -65,8 +65,9 @@ def plot(csv_path, png_path, tag: str) -> None:
         paper = PAPER.get(("M/8/16", method))
         if paper:
             ax.axhline(paper[0], color=color, linestyle=":", linewidth=1)
-    ax.set(xlabel="epoch", ylabel="error (%)",
-           title=f"CIFAR-10, LocalMixer M/8/16 (run {tag}); dotted: paper, full schedule")
+    ax.set(xlabel="epoch", ylabel="error (%)")
+    ax.set_title(f"CIFAR-10, LocalMixer M/8/16, run {tag}\n(dotted: the paper's test error "
+                 "after its full schedule)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
