@@ -130,28 +130,30 @@ def test_inplace_sgd_rejects_clipping():
         from_dict({"optimizer": "sgd-inplace", "clip_grad": 1.0})
 
 
-def test_half_linear_schedule_is_flat_then_linear_to_zero():
+def _lr_factors(total: int, warmup: int, kind: str) -> list[float]:
     from forwardonly.train.schedule import lr_schedule
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = lr_schedule(opt, total_steps=10, warmup_steps=0, kind="half-linear")
+    sched = lr_schedule(opt, total_steps=total, warmup_steps=warmup, kind=kind)
     factors = []
-    for _ in range(10):
+    for _ in range(total):
         factors.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert factors == pytest.approx([1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2])
-    with pytest.raises(ValueError, match="schedule must be"):
-        lr_schedule(opt, 10, 0, kind="linear")
+    return factors
+
+
+def test_half_linear_schedule_is_flat_then_linear_to_zero():
+    from forwardonly.train.schedule import lr_schedule
+
+    assert _lr_factors(10, 0, "half-linear") == pytest.approx(
+        [1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2])
     # with warmup: the halves are those of the steps after it
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = lr_schedule(opt, total_steps=12, warmup_steps=2, kind="half-linear")
-    factors = []
-    for _ in range(12):
-        factors.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert factors == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2])
+    assert _lr_factors(12, 2, "half-linear") == pytest.approx(
+        [0.5, 1, 1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2])
+    with pytest.raises(ValueError, match="schedule must be"):
+        lr_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 10, 0,
+                    kind="linear")
 
 
 def test_head_gets_its_own_learning_rate_and_weight_decay(tmp_path):
