@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import os
 import platform
 import shlex
@@ -39,7 +40,7 @@ SECTIONS: dict[str, tuple[list[str], bool]] = {
                            "lg-fg-a", "fg-a"], False),
     "local-cifar": ([PY, str(HERE / "local_cifar.py"), "--epochs", "2", "--threads", "1"],
                     False),
-    "ff-speed": ([PY, str(HERE / "ff_speed.py")], True),
+    "ff-speed": ([PY, str(HERE / "ff_speed.py"), "--threads", "1"], True),
     # Hinton's optimiser (SGD, momentum, weight decay, head at 10x), bf16 products, 60 epochs
     "ff-mnist": ([PY, str(HERE / "ff_mnist.py"), "--mode", "supervised", *FF_RECIPE,
                   "--tag", "supervised-sgd", "--eval-every", "5"], False),
@@ -54,6 +55,18 @@ SECTIONS: dict[str, tuple[list[str], bool]] = {
 # Snippets, in the order they appear in BENCHMARKS.md.
 SNIPPETS = ["results/core_step_time.md", "results/core_memory.md", "results/core_mnist.md",
             "out/local/*.md", "out/ff/*.md", "out/distributed/*.md"]
+
+
+# Headings for the snippets that do not bring their own (matched on the file stem).
+TITLES = {
+    "cifar_*": "CIFAR-10, LocalMixer M/8/16: LG-FG-A against BP and L-BP",
+    "quality": "Estimator quality as the LocalMixer grows (against Table 1's formulas)",
+    "speed_*": "LocalMixer M/8/16 step time and peak memory: LG-FG-A against BP and L-BP",
+    "table3_mnist": "Table 3 of Ren et al. (2023), MNIST columns",
+    "summary": "Forward-Forward on MNIST: 784-2000-2000-2000-2000, 60 epochs",
+    "speed": "Forward-Forward speed: seconds per MNIST epoch, 784-1000-1000-1000, batch 100",
+    "*-readout": "Forward-Forward: the linear readout refitted on frozen features",
+}
 
 
 def machine() -> str:
@@ -90,7 +103,15 @@ def collect(command: str) -> None:
     ]
     for pattern in SNIPPETS:
         for path in sorted(HERE.glob(pattern)):
-            parts.append(path.read_text().strip() + "\n")
+            text = path.read_text().strip()
+            title = next((t for pat, t in TITLES.items() if fnmatch.fnmatch(path.stem, pat)),
+                         None)
+            if title and not text.startswith("#"):
+                parts.append(f"### {title}\n")
+            parts.append(text + "\n")
+            png = path.with_suffix(".png")
+            if png.is_file() and png.name not in text:
+                parts.append(f"![{title or path.stem}]({png.relative_to(ROOT)})\n")
             csvs = sorted(path.parent.glob(path.stem + "*.csv"))
             if csvs:
                 parts.append("Data: " + ", ".join(f"`{c.relative_to(ROOT)}`" for c in csvs)
