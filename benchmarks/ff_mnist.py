@@ -233,8 +233,9 @@ def write_summary(out: Path) -> None:
     ]
     for path in sorted(out.glob("*.csv")):  # this script's own loop
         with path.open() as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        if not rows or reader.fieldnames != FIELDS:  # another script's CSV (ff_speed.py)
             continue
         last = rows[-1]
         tested = [r for r in rows if r["test_error"] not in ("", "nan")]
