@@ -17,7 +17,6 @@ Writes ``<tag>-readout.md`` (in ``--out``, or in the run directory) and prints i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ff_mnist import DEFAULT_DATA, ROOT, build
-from forwardonly.data import load_dataset, standardize
+from forwardonly.data import load_dataset
 from forwardonly.ff.readout import readout_error, readout_features, refit_head
 
 
@@ -47,19 +46,11 @@ def load_script_run(out: Path, tag: str, data_dir: Path):
 
 def load_trainer_run(run_dir: Path):
     """A ``forwardonly train`` run directory: (model, data set, epochs done, description)."""
-    from forwardonly.config import from_dict
-    from forwardonly.train import checkpoint, records
-    from forwardonly.train.loop import build as build_run
+    from forwardonly.train import load_run
 
-    config = from_dict(records.read_config(run_dir))
+    config, ds, model, _, state = load_run(run_dir)
     if config.method != "ff":
         raise SystemExit(f"{run_dir} trained --method {config.method}, not ff")
-    ds = load_dataset(config.dataset, config.data_dir)
-    if config.standardize:  # the inputs exactly as the run saw them
-        ds = standardize(ds)
-    model, _ = build_run(dataclasses.replace(config, device="cpu"), ds)
-    state = checkpoint.load(run_dir / "checkpoint.pt")
-    model.load_state_dict(state["model"])
     return model, ds, (f"{config.ff_mode}, {state['epoch']}/{config.epochs} epochs, widths "
                        f"{config.widths}")
 

@@ -75,21 +75,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_dataset, standardize
-    from .train import build, error_rate
-    from .train.checkpoint import load
-    from .train.records import read_config
+    from .train import error_rate, load_run
 
-    cfg = from_dict(read_config(args.run_dir))
-    if args.data_dir:
-        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
-    cfg = dataclasses.replace(cfg, device=args.device)
-    data = load_dataset(cfg.dataset, cfg.data_dir)
-    if cfg.standardize:
-        data = standardize(data)
-    model, est = build(cfg, data)
-    state = load(args.run_dir / "checkpoint.pt", map_location=cfg.device)
-    model.load_state_dict(state["model"])
+    cfg, data, _, est, state = load_run(args.run_dir, data_dir=args.data_dir,
+                                        device=args.device)
     test = error_rate(est, data.test_x, data.test_y, cfg.eval_batch_size, cfg.device)
     train = error_rate(est, data.train_x, data.train_y, cfg.eval_batch_size, cfg.device)
     print(f"{args.run_dir}: epoch {state['epoch']}, {cfg.method} on {cfg.dataset}: "

@@ -130,6 +130,21 @@ def error_rate(est: Estimator, x: Tensor, y: Tensor, batch_size: int, device: st
     return wrong / max(1, len(x))
 
 
+def load_run(run_dir: Path, *, data_dir: str | None = None, device: str = "cpu"
+             ) -> tuple[TrainConfig, Dataset, nn.Module, Estimator, dict[str, Any]]:
+    """A finished (or stopped) run: its config, its data as the run saw it (standardized if
+    it was), its model and estimator with the checkpoint's weights, and the checkpoint."""
+    config = from_dict(records.read_config(run_dir))
+    config = dataclasses.replace(config, device=device, data_dir=data_dir or config.data_dir)
+    data = load_dataset(config.dataset, config.data_dir)
+    if config.standardize:
+        data = standardize(data)
+    model, est = build(config, data)
+    state = checkpoint.load(run_dir / CHECKPOINT, map_location=device)
+    model.load_state_dict(state["model"])
+    return config, data, model, est, state
+
+
 def prepare_run_dir(config: TrainConfig, resume: bool) -> tuple[TrainConfig, Path]:
     if resume and not config.out:
         raise ConfigError("--resume needs --out: the run directory to continue")
