@@ -1,9 +1,14 @@
 """Step time and peak memory of LG-FG-A against BP and L-BP (and LG-FG-W, FG-A) on
 LocalMixer M/8/16, one CIFAR-10 batch of 128, as ratios measured in one run.
 
-- Step time: one process builds one model and one estimator per method and times
+- Step time: a child process builds one model and one estimator per method and times
   ``estimator.step`` round-robin (method A, B, C, A, B, C, ...), so a change of load on the
-  shared machine hits every method alike; we report the median over the rounds.
+  shared machine hits every method alike; we report the median over the rounds. Measured
+  twice, in two children: with glibc's default allocator (what a user gets: freed blocks go
+  back to the system and come back as page faults, which cost BP, whose graph holds every
+  activation, more than the local methods) and with the heap kept (``MALLOC_MMAP_THRESHOLD_``
+  and ``MALLOC_TRIM_THRESHOLD_`` raised so that after the first step nothing faults: the
+  arithmetic alone).
 - Peak memory: every method runs in a fresh subprocess; the working memory of a step is the
   peak resident set (``VmHWM``; ``ru_maxrss`` where /proc is missing) after ``--mem-steps``
   steps minus the same peak once the model, estimator and batch exist — so it counts the
@@ -44,10 +49,15 @@ CONFIGS = {  # label -> (method, options)
 }
 
 
-# "mmap": glibc serves every block over 64 KiB by mmap and unmaps it when freed, so the
-# resident set follows the live tensors; "default": glibc's own heuristics, whose heap keeps
-# freed blocks (what a user of this process would see, allocator fragmentation included).
+# Memory. "mmap": glibc serves every block over 64 KiB by mmap and unmaps it when freed, so
+# the resident set follows the live tensors; "default": glibc's own heuristics, whose heap
+# keeps freed blocks (what a user of this process would see, fragmentation included).
 ALLOCATORS = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
+# Time. "default": glibc's own heuristics; "kept": nothing is returned to the system, so
+# after the first step no allocation page-faults (the arithmetic of the step alone).
+TIMING_ALLOCATORS = {"default": {}, "kept": {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+                                             "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+                                             "MALLOC_TOP_PAD_": str(1 << 28)}}
 
 
 def batch_file(preset: str, batch: int) -> Path:
@@ -97,6 +107,32 @@ def memory_child(preset: str, label: str, path: str, steps: int, threads: int) -
                       "work_mib": (peak - base) / 1024}))
 
 
+def timing_child(preset: str, labels: list[str], path: str, rounds: int, threads: int) -> None:
+    """Run in a fresh process: print the median step time of every method (interleaved)."""
+    torch.set_num_threads(threads)
+    data = torch.load(path, weights_only=True)
+    x, y = data["x"], data["y"]
+    runs = {label: build(preset, label, x) for label in labels}
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for label in labels:  # warm-up
+        runs[label][1].step(x, y)
+    for _ in range(rounds):
+        for label in labels:
+            t0 = time.perf_counter()
+            runs[label][1].step(x, y)
+            times[label].append(time.perf_counter() - t0)
+    print(json.dumps({label: statistics.median(v) for label, v in times.items()}))
+
+
+def child(args: argparse.Namespace, env: dict[str, str], *extra: str) -> dict:
+    """Run this script with ``extra`` arguments in a fresh process; its last JSON line."""
+    out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--threads",
+                          str(args.threads), "--mem-steps", str(args.mem_steps), "--rounds",
+                          str(args.rounds), *extra],
+                         capture_output=True, text=True, check=True, env={**os.environ, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="M/8/16")
@@ -106,43 +142,35 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--labels", nargs="+", default=list(CONFIGS))
     ap.add_argument("--child", nargs=2, metavar=("LABEL", "BATCH_FILE"), help=argparse.SUPPRESS)
+    ap.add_argument("--timing-child", metavar="BATCH_FILE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         memory_child(args.preset, args.child[0], args.child[1], args.mem_steps, args.threads)
         return
-    torch.set_num_threads(args.threads)
-    path = batch_file(args.preset, args.batch)
-    data = torch.load(path, weights_only=True)
-    x, y = data["x"], data["y"]
+    if args.timing_child:
+        timing_child(args.preset, args.labels, args.timing_child, args.rounds, args.threads)
+        return
+    if "bp" not in args.labels:
+        ap.error("--labels must include bp: every ratio is to BP")
+    path = str(batch_file(args.preset, args.batch))
 
     memory: dict[str, dict[str, float]] = {}
     for label in args.labels:
-        memory[label] = {}
-        for allocator, env in ALLOCATORS.items():
-            out = subprocess.run([sys.executable, __file__, "--preset", args.preset,
-                                  "--threads", str(args.threads), "--mem-steps",
-                                  str(args.mem_steps), "--child", label, str(path)],
-                                 capture_output=True, text=True, check=True,
-                                 env={**os.environ, **env})
-            memory[label][allocator] = json.loads(out.stdout.strip().splitlines()[-1])[
-                "work_mib"]
+        memory[label] = {name: child(args, env, "--child", label, path)["work_mib"]
+                         for name, env in ALLOCATORS.items()}
         print(f"memory {label}: {memory[label]} MiB", flush=True)
-
-    runs = {label: build(args.preset, label, x) for label in args.labels}
-    times: dict[str, list[float]] = {label: [] for label in args.labels}
-    for label in args.labels:  # warm-up
-        runs[label][1].step(x, y)
-    for _ in range(args.rounds):
-        for label in args.labels:
-            t0 = time.perf_counter()
-            runs[label][1].step(x, y)
-            times[label].append(time.perf_counter() - t0)
-    med = {label: statistics.median(v) for label, v in times.items()}
+    step: dict[str, dict[str, float]] = {}
+    for name, env in TIMING_ALLOCATORS.items():
+        step[name] = child(args, env, "--timing-child", path, "--labels", *args.labels)
+        print(f"step time, {name} allocator: {step[name]}", flush=True)
 
     rows = []
     for label in args.labels:
         rows.append({"preset": args.preset, "batch": args.batch, "threads": args.threads,
-                     "method": label, "step_s": med[label], "step_vs_bp": med[label] / med["bp"],
+                     "method": label, "step_s": step["default"][label],
+                     "step_vs_bp": step["default"][label] / step["default"]["bp"],
+                     "step_s_heap_kept": step["kept"][label],
+                     "step_vs_bp_heap_kept": step["kept"][label] / step["kept"]["bp"],
                      "work_mib": memory[label]["mmap"],
                      "mem_vs_bp": memory[label]["mmap"] / memory["bp"]["mmap"],
                      "work_mib_default_malloc": memory[label]["default"],
@@ -153,13 +181,17 @@ def main() -> None:
     with (OUT / f"speed_{tag}.json").open("w") as fh:
         json.dump(rows, fh, indent=1)
     lines = [f"LocalMixer {args.preset}, batch {args.batch}, {args.threads} CPU thread(s), "
-             f"median of {args.rounds} interleaved rounds; memory = peak RSS growth over "
-             f"{args.mem_steps} steps in a fresh process.", "",
-             "| method | step (s) | step / BP | memory (MiB) | memory / BP | "
-             "memory, default malloc (MiB) | / BP |",
-             "|---|---|---|---|---|---|---|"]
+             f"median of {args.rounds} interleaved rounds, with glibc's default allocator and "
+             f"with the heap kept (no page faults after the first step); memory = peak RSS "
+             f"growth over {args.mem_steps} steps in a fresh process. "
+             f"Command: `python benchmarks/local_speed.py --rounds {args.rounds} "
+             f"--threads {args.threads}`.", "",
+             "| method | step (s) | step / BP | step, heap kept (s) | / BP | memory (MiB) | "
+             "memory / BP | memory, default malloc (MiB) | / BP |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method'].upper()} | {r['step_s']:.3f} | {r['step_vs_bp']:.2f} | "
+                     f"{r['step_s_heap_kept']:.3f} | {r['step_vs_bp_heap_kept']:.2f} | "
                      f"{r['work_mib']:.0f} | {r['mem_vs_bp']:.2f} | "
                      f"{r['work_mib_default_malloc']:.0f} | "
                      f"{r['mem_vs_bp_default_malloc']:.2f} |")

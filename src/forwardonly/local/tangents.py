@@ -8,15 +8,18 @@ A layer ``out = ReLU(LN_out(linear(LN_in(x))) + u + r)`` carries tangents ``ẋ`
     ẏ = J_LN_out ż + u                 (u: the activity tangent, injected after LN_out)
     ȯut = [out > 0] ⊙ (ẏ + ṙ)          (ReLU; r is the residual)
 
-The LayerNorm Jacobian without scale/shift, ``J = (I − 11ᵀ/D − x̂x̂ᵀ/D) / σ``, is symmetric,
-so its JVP and its VJP are the same map; both run as PyTorch's fused LayerNorm-backward
-kernel. Every layer keeps a :class:`LayerTrace` — a reference to its input ``x`` (the previous
-layer's output, kept anyway), its pre-norm output ``z`` with the LN statistics, its ReLU
+The LayerNorm Jacobian is symmetric, so its JVP and its VJP are the same map
+(:mod:`forwardonly.models.local_norm`). Every layer keeps a :class:`LayerTrace` — its
+normalized input ``a = LN_in(x)``, its pre-norm output ``z`` with the LN statistics, its ReLU
 output and the injected tangent — which is all that :func:`activity_weight_grads` needs to
 turn an estimate of ``∂L/∂y`` into weight gradients *inside the layer*:
-``g_z = J_LN_out g_y``, ``g_W = aᵀ g_z`` with ``a = LN_in(x)`` recomputed (one LayerNorm is
-cheaper than keeping another activation-sized tensor per layer) — except for the grouped
-layer, whose per-group LayerNorm is slow enough that its ``a`` is kept.
+``g_z = J_LN_out g_y``, ``g_W = aᵀ g_z``. Only one block's traces are alive at a time (for
+local losses), so keeping ``a`` costs one activation per layer of one block; recomputing it
+would cost a LayerNorm per layer and step.
+
+Where a layer's only tangent is its own ``u`` (the first layer of a block under local
+losses), its output tangent ``[out > 0] ⊙ u`` is the masked ``u`` the weight gradient needs:
+the trace keeps that one tensor, marked ``u_masked``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models.local_mixer import LN_EPS, MixerBlock, MixerLayer
+from ..models.local_mixer import MixerBlock, MixerLayer
+from ..models.local_norm import ln_jvp as ln_jvp  # re-exported for the estimators
+from ..models.local_norm import ln_stats as ln_stats
 
 # noise(layer_index, shape, like) -> (K, *shape) activity tangent (dtype/device of ``like``)
 NoiseFn = Callable[[int, tuple[int, ...], Tensor], Tensor]
@@ -35,52 +40,18 @@ NoiseFn = Callable[[int, tuple[int, ...], Tensor], Tensor]
 WeightTangentFn = Callable[[int, MixerLayer], "tuple[Tensor, Tensor] | None"]
 
 
-_LOOP_NUMEL = 1 << 16  # above this many primal elements, ln_jvp loops over the directions
-
-
-def ln_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(LN(x), mean, rstd)`` over the last dim split into ``groups`` groups (fused kernel)."""
-    d = x.shape[-1] // groups
-    xg = x.reshape(*x.shape[:-1], groups, d)
-    y, mean, rstd = torch.native_layer_norm(xg, (d,), None, None, LN_EPS)
-    return y.reshape(x.shape), mean, rstd
-
-
-def ln_jvp(x: Tensor, mean: Tensor, rstd: Tensor, t: Tensor, groups: int) -> Tensor:
-    """``J_LN(x) t`` for ``t`` shaped like ``x`` or ``(K, *x.shape)``; also the VJP (J = Jᵀ)."""
-    d = x.shape[-1] // groups
-    xg = x.reshape(*x.shape[:-1], groups, d)
-    if t.dim() == x.dim():
-        tg = t.reshape(xg.shape)
-        out = torch.ops.aten.native_layer_norm_backward(
-            tg, xg, (d,), mean, rstd, None, None, [True, False, False])[0]
-        return out.reshape(x.shape)
-    k = t.shape[0]
-    if k == 1:
-        return ln_jvp(x, mean, rstd, t[0], groups).unsqueeze(0)
-    if x.numel() >= _LOOP_NUMEL:  # large layers: one fused call per direction, no copies
-        return torch.stack([ln_jvp(x, mean, rstd, tk, groups) for tk in t])
-    # small layers, many directions: one call on K stacked copies of the primal
-    xs = xg.expand(k, *xg.shape).reshape(k * xg.shape[0], *xg.shape[1:])
-    ms = mean.expand(k, *mean.shape).reshape(k * mean.shape[0], *mean.shape[1:])
-    rs = rstd.expand(k, *rstd.shape).reshape(k * rstd.shape[0], *rstd.shape[1:])
-    out = torch.ops.aten.native_layer_norm_backward(
-        t.reshape(xs.shape), xs, (d,), ms, rs, None, None, [True, False, False])[0]
-    return out.reshape(t.shape)
-
-
 @dataclass
 class LayerTrace:
     """What one layer keeps from the forward pass for its local weight gradient."""
 
     layer: MixerLayer
-    x: Tensor          # (B, P, C_in)  the layer's input (the previous layer's output, no copy)
+    a: Tensor          # (B, P, C_in)  LN_in(x), the input of the linear map
     z: Tensor          # (B, P, C_out) linear output, input of LN_out
     mean: Tensor       # LN_out statistics
     rstd: Tensor
     out: Tensor        # (B, P, C_out) ReLU output; the unit is active where out > 0
     u: Tensor | None   # (K, B, P, C_out) activity tangent injected after LN_out
-    a: Tensor | None = None  # LN_in(x), kept for grouped layers (their LN is slow to redo)
+    u_masked: bool = False  # u already holds [out > 0] ⊙ u
 
 
 def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor | None = None,
@@ -107,26 +78,33 @@ def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor 
         tw = layer.linear(a, *wdot)  # a Ẇ_k + ḃ_k for the K directions at once
         tz = tw if tz is None else tz.add_(tw)
         del tw
-    # a per-group LayerNorm (rows of C/G) costs ~3x a full-width one: keep its output
-    kept = a if g > 1 else None
-    del a
     y, mean, rstd = ln_stats(z, g)
     ty = None if tz is None else ln_jvp(z, mean, rstd, tz, g)
     del tz
+    owned = ty is not None  # ty is this function's own temporary: mask it in place
+    only_u = ty is None and tresidual is None  # the layer's tangent is u alone
     if u is not None:
         ty = u if ty is None else ty.add_(u)
     if residual is not None:
         y = y.add_(residual)
         if tresidual is not None:
+            owned = ty is not None
             ty = tresidual if ty is None else ty + tresidual
     out = y.relu_()
-    tout = None if ty is None else relu_tangent(ty, out)
-    return out, tout, LayerTrace(layer, x, z, mean, rstd, out, u, kept)
+    tout = None if ty is None else relu_tangent(ty, out, inplace=owned)
+    if only_u and u is not None:  # tout = [out > 0] ⊙ u: the weight gradient reuses it
+        return out, tout, LayerTrace(layer, a, z, mean, rstd, out, tout, u_masked=True)
+    return out, tout, LayerTrace(layer, a, z, mean, rstd, out, u)
 
 
-def relu_tangent(t: Tensor, out: Tensor) -> Tensor:
+def relu_tangent(t: Tensor, out: Tensor, *, inplace: bool = False) -> Tensor:
     """``[out > 0] ⊙ t`` for ``(K, *out.shape)`` tangents (the fused ReLU-backward kernel,
-    per direction: broadcasting over K would take its slow path)."""
+    per direction: broadcasting over K would take its slow path); ``inplace`` overwrites
+    ``t``."""
+    if inplace:
+        for tk in t:
+            torch.ops.aten.threshold_backward.grad_input(tk, out, 0.0, grad_input=tk)
+        return t
     if t.shape[0] == 1:
         return torch.ops.aten.threshold_backward(t[0], out, 0.0).unsqueeze(0)
     return torch.stack([torch.ops.aten.threshold_backward(tk, out, 0.0) for tk in t])
@@ -156,7 +134,8 @@ def activity_weight_grads(trace: LayerTrace, coef: Tensor) -> tuple[Tensor, Tens
     """Weight gradients of one layer from its activity tangent: ``g_y = Σ_k coef_k ⊙ u_k``.
 
     Arguments:
-        trace: the layer's :class:`LayerTrace` (with ``u``).
+        trace: the layer's :class:`LayerTrace` (with ``u``). Its ``u`` is consumed: the
+            product ``coef ⊙ u`` is written into it and ``trace.u`` is set to None.
         coef: directional derivatives of the loss(es) that see each unit, broadcastable to
             the units grouped as ``(K, B, P, G', C_out / G')``: ``(K, B, P, G, 1)`` for
             per-(patch, group) local losses, ``(K, B, P, 1, 1)`` for units feeding every
@@ -169,19 +148,19 @@ def activity_weight_grads(trace: LayerTrace, coef: Tensor) -> tuple[Tensor, Tens
     """
     u = trace.u
     if u is None:
-        raise ValueError("this layer was run without an activity tangent (u is None)")
+        raise ValueError("this layer has no activity tangent: it was run without one, or "
+                         "its weight gradient was already taken (trace.u is consumed)")
+    trace.u = None  # the product below is written into u's memory
     k, b, p, c = u.shape
     groups = coef.shape[-2]
-    if k == 1:  # no reduction over directions: one product, no (K, ...) temporary
-        gy = (u[0].view(b, p, groups, c // groups) * coef[0]).view(b, p, c)
-    else:
-        gy = (u.view(k, b, p, groups, c // groups) * coef).sum(0).view(b, p, c)
-    gy = torch.ops.aten.threshold_backward(gy, trace.out, 0.0)
+    gy = u.view(k, b, p, groups, c // groups).mul_(coef)
+    gy = (gy[0] if k == 1 else gy.sum(0)).view(b, p, c)
+    if not trace.u_masked:
+        gy = torch.ops.aten.threshold_backward(gy, trace.out, 0.0)
     del u
     gz = ln_jvp(trace.z, trace.mean, trace.rstd, gy, trace.layer.norm_groups)
     del gy
-    a = trace.a if trace.a is not None else ln_stats(trace.x, trace.layer.norm_groups)[0]
-    return trace.layer.weight_grad(a, gz)
+    return trace.layer.weight_grad(trace.a, gz)
 
 
 NOISE_DISTRIBUTIONS = ("rademacher", "gaussian")

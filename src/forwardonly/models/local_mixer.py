@@ -30,12 +30,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
-
-LN_EPS = 1e-5
+from .local_norm import LN_EPS as LN_EPS  # re-exported: part of this module's interface
+from .local_norm import layer_norm as layer_norm
+from .local_norm import local_layer_norm
 
 # Paper names "Size/patches-per-side/groups" (Table 2), plus a tiny one for tests.
 PRESETS: dict[str, dict[str, int]] = {
@@ -48,14 +48,6 @@ PRESETS: dict[str, dict[str, int]] = {
 
 # Table 2's parameter counts (for 28×28×1 inputs on the /1/ presets, 32×32×3 on the /8/ ones).
 PAPER_PARAMS = {"S/1/1": 272_000, "M/1/16": 429_000, "M/8/16": 919_000, "L/8/64": 13_100_000}
-
-
-def layer_norm(x: Tensor, groups: int = 1) -> Tensor:
-    """LayerNorm without scale/shift over the last dim, split into ``groups`` equal groups."""
-    if groups == 1:
-        return F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
-    d = x.shape[-1] // groups
-    return F.layer_norm(x.unflatten(-1, (groups, d)), (d,), eps=LN_EPS).flatten(-2)
 
 
 def _init_weight(shape: tuple[int, ...], fan_in: int, generator: torch.Generator) -> nn.Parameter:
@@ -168,7 +160,8 @@ class MixerLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``LN_out(linear(LN_in(x)))`` — before the residual and the ReLU."""
-        return layer_norm(self.linear(layer_norm(x, self.norm_groups)), self.norm_groups)
+        return local_layer_norm(self.linear(local_layer_norm(x, self.norm_groups)),
+                                self.norm_groups)
 
 
 class MixerBlock(nn.Module):
@@ -278,11 +271,11 @@ class LocalMixer(nn.Module):
 
     def block_features(self, h: Tensor) -> Tensor:
         """Input of a block head: LN per (patch, group), then the mean over patches: (B, C)."""
-        return layer_norm(h, self.groups).mean(dim=1)
+        return local_layer_norm(h, self.groups).mean(dim=1)
 
     def final_features(self, h: Tensor) -> Tensor:
         """Input of the final head: the mean over patches, then LN over all C: (B, C)."""
-        return layer_norm(h.mean(dim=1))
+        return local_layer_norm(h.mean(dim=1))
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.patchify(x)
