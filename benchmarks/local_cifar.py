@@ -8,12 +8,15 @@ writes a checkpoint in the run's directory; a run resumes from its checkpoint, a
 ``--chunk N`` (the trainer's ``--stop-after``) stops after N epochs of the current call — so
 a long schedule runs as a series of short calls (e.g. 10-minute GPU sessions):
 
-    # CPU: a fixed small budget, in the background
-    nohup nice -n 10 .venv/bin/python benchmarks/local_cifar.py --epochs 2 --threads 1 &
+    # CPU: a fixed small budget, in the background (one method per process, one per core)
+    nohup nice -n 10 .venv/bin/python benchmarks/local_cifar.py --epochs 6 --threads 1 \\
+        --methods lg-fg-a &
+    nohup nice -n 10 .venv/bin/python benchmarks/local_cifar.py --epochs 6 --threads 1 \\
+        --methods bp l-bp &
     # GPU: the paper-length schedule in chunks; repeat the same command until it is done
     .venv/bin/python benchmarks/local_cifar.py --device cuda --epochs 200 --chunk 20 \\
         --tag gpu200
-    .venv/bin/python benchmarks/local_cifar.py --epochs 2 --report   # table + plot from the CSV
+    .venv/bin/python benchmarks/local_cifar.py --epochs 6 --report   # table + plot from the CSV
 """
 
 from __future__ import annotations
@@ -29,8 +32,17 @@ from local_common import OUT, PAPER, train_run
 LRS = {"bp": 0.1, "l-bp": 0.1, "lg-fg-a": 0.03}
 
 
-def report(csv_path, tag: str) -> str:
+def read_rows(csv_path) -> list[dict[str, str]]:
+    """The CSV's rows, grouped by method (LG-FG-A, BP, L-BP, then any other), then by epoch:
+    runs of several methods in parallel append their epochs interleaved."""
     rows = [r for r in csv.DictReader(csv_path.open())] if csv_path.exists() else []
+    methods = dict.fromkeys(["lg-fg-a", "bp", "l-bp", *(r["method"] for r in rows)])
+    order = {m: i for i, m in enumerate(methods)}
+    return sorted(rows, key=lambda r: (order[r["method"]], int(r["epoch"])))
+
+
+def report(csv_path, tag: str) -> str:
+    rows = read_rows(csv_path)
     lines = [f"CIFAR-10, LocalMixer M/8/16 (run `{tag}`): test / train error (%) per epoch. "
              "Train error on the first 10,000 training images.", "",
              "| Method | epoch | test err | train err | train loss | epoch time (min) | "
@@ -52,7 +64,7 @@ def plot(csv_path, png_path, tag: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in csv.DictReader(csv_path.open())] if csv_path.exists() else []
+    rows = read_rows(csv_path)
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         mine = [r for r in rows if r["method"] == method]

@@ -38,8 +38,11 @@ SECTIONS: dict[str, tuple[list[str], bool]] = {
     "local-table3": ([PY, str(HERE / "local_table3.py"), "--epochs", "50"], False),
     "local-table3-long": ([PY, str(HERE / "local_table3.py"), "--epochs", "200", "--methods",
                            "lg-fg-a", "fg-a"], False),
-    "local-cifar": ([PY, str(HERE / "local_cifar.py"), "--epochs", "2", "--threads", "1"],
+    "local-cifar": ([PY, str(HERE / "local_cifar.py"), "--epochs", "6", "--threads", "1"],
                     False),
+    "local-cifar-rademacher": ([PY, str(HERE / "local_cifar.py"), "--epochs", "6", "--threads",
+                                "1", "--methods", "lg-fg-a", "--distribution", "rademacher",
+                                "--tag", "cpu6-rademacher"], False),
     "ff-speed": ([PY, str(HERE / "ff_speed.py"), "--threads", "1"], True),
     # Hinton's optimiser (SGD, momentum, weight decay, head at 10x), bf16 products, 60 epochs
     "ff-mnist": ([PY, str(HERE / "ff_mnist.py"), "--mode", "supervised", *FF_RECIPE,
@@ -115,7 +118,8 @@ def collect(command: str) -> None:
             png = path.with_suffix(".png")
             if png.is_file() and png.name not in text:
                 parts.append(f"![{title or path.stem}]({png.relative_to(ROOT)})\n")
-            csvs = sorted(path.parent.glob(path.stem + "*.csv"))
+            csvs = [c for c in sorted(path.parent.glob(path.stem + "*.csv"))  # not another's
+                    if c.stem == path.stem or not c.with_suffix(".md").is_file()]
             if csvs:
                 parts.append("Data: " + ", ".join(f"`{c.relative_to(ROOT)}`" for c in csvs)
                              + "\n")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.func import jvp
 
-from forwardonly.local.tangents import layer_forward, ln_jvp, ln_stats
+from forwardonly.local.tangents import activity_weight_grads, layer_forward, ln_jvp, ln_stats
 from forwardonly.models import build_model
 from forwardonly.models.local_mixer import (
     PAPER_PARAMS,
@@ -13,6 +13,7 @@ from forwardonly.models.local_mixer import (
     layer_norm,
     local_mixer,
 )
+from forwardonly.models.local_norm import local_layer_norm
 
 SHAPES = {"S/1/1": (1, 28, 28), "M/1/16": (1, 28, 28), "M/8/16": (3, 32, 32),
           "L/8/64": (3, 32, 32)}
@@ -132,3 +133,49 @@ def test_layer_forward_tangents_equal_autograd_jvp(kind):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(tout[k], ref_t, rtol=1e-4, atol=1e-5)
     assert torch.equal(trace.out, out) and trace.u is u
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_local_layer_norm_equals_the_reference_in_values_gradients_and_tangents(groups):
+    """The model's LayerNorm (two-reduction statistics, fused backward) against F.layer_norm:
+    values, statistics, reverse mode and forward mode (double precision gradcheck)."""
+    torch.manual_seed(2)
+    x = (torch.randn(3, 5, 16, dtype=torch.float64) * 3 + 2).requires_grad_()
+    torch.testing.assert_close(local_layer_norm(x, groups), layer_norm(x, groups))
+    xg = x.detach().unflatten(-1, (groups, 16 // groups))
+    _, mean, rstd = torch.native_layer_norm(xg, (16 // groups,), None, None, 1e-5)
+    _, my_mean, my_rstd = ln_stats(x.detach(), groups)
+    torch.testing.assert_close(my_mean, mean)
+    torch.testing.assert_close(my_rstd, rstd)
+    g, t = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 5, 16, dtype=torch.float64)
+    (mine,) = torch.autograd.grad(local_layer_norm(x, groups), x, g)
+    (ref,) = torch.autograd.grad(layer_norm(x, groups), x, g)
+    torch.testing.assert_close(mine, ref)
+    _, mine_t = jvp(lambda v: local_layer_norm(v, groups), (x.detach(),), (t,))
+    _, ref_t = jvp(lambda v: layer_norm(v, groups), (x.detach(),), (t,))
+    torch.testing.assert_close(mine_t, ref_t)
+    assert torch.autograd.gradcheck(lambda v: local_layer_norm(v, groups), (x,),
+                                    check_forward_ad=True)
+    half = x.detach().to(torch.bfloat16)  # other dtypes take torch's fused kernel
+    torch.testing.assert_close(local_layer_norm(half, groups).float(),
+                               layer_norm(half, groups).float())
+
+
+def test_activity_weight_grads_masked_shortcut_and_consumed_tangent():
+    """A layer whose only tangent is u keeps [out > 0] ⊙ u; its weight gradient equals the
+    general path's (same u, a zero input tangent); a trace's u serves one gradient only."""
+    torch.manual_seed(3)
+    model = local_mixer((1, 8, 8), 5, "tiny", width=16, groups=4)
+    layer = model.blocks[1].layers[1]  # dense
+    x = torch.randn(3, model.tokens, 16)
+    u = torch.randn(2, 3, model.tokens, 16)
+    coef = torch.randn(2, 3, model.tokens, 4, 1)
+    with torch.no_grad():
+        _, _, short = layer_forward(layer, x, None, u=u.clone())
+        _, _, general = layer_forward(layer, x, torch.zeros(2, *x.shape), u=u.clone())
+    assert short.u_masked and not general.u_masked
+    for got, ref in zip(activity_weight_grads(short, coef), activity_weight_grads(general, coef),
+                        strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="already taken"):
+        activity_weight_grads(short, coef)
