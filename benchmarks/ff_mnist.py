@@ -215,11 +215,17 @@ def train_epoch(est, opt, x: torch.Tensor, y: torch.Tensor, batch: int, gen: tor
     return total / steps, head / steps
 
 
+def saved_config(state: dict) -> dict:
+    """The config stored in a checkpoint (runs from before ``--optimizer`` used Adam)."""
+    return {"optimizer": "adam", **state["config"]}
+
+
 def recipe(ckpt: Path) -> str:
-    """Optimizer and precision of an own-loop run, from its checkpoint's config."""
+    """Optimizer and precision of an own-loop run, from its checkpoint's config (memory-
+    mapped: the weights are not read)."""
     if not ckpt.is_file():
         return "—"
-    config = {"optimizer": "adam", **torch.load(ckpt, weights_only=False)["config"]}
+    config = saved_config(torch.load(ckpt, weights_only=False, mmap=True))
     wd = config.get("weight_decay") or 0
     return f"{config['optimizer']} lr {config['lr']:g} wd {wd:g}, {config['precision']}"
 
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     start, elapsed = 1, 0.0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
-        saved = {"optimizer": "adam", **state["config"]}  # runs from before --optimizer
+        saved = saved_config(state)
         if any(saved[k] != config[k] for k in resume_keys):
             raise SystemExit(
                 f"{ckpt_path} holds a run with other settings; pass another --tag or delete it"

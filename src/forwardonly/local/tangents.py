@@ -81,17 +81,17 @@ def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor 
     y, mean, rstd = ln_stats(z, g)
     ty = None if tz is None else ln_jvp(z, mean, rstd, tz, g)
     del tz
-    owned = ty is not None  # ty is this function's own temporary: mask it in place
     only_u = ty is None and tresidual is None  # the layer's tangent is u alone
     if u is not None:
         ty = u if ty is None else ty.add_(u)
     if residual is not None:
         y = y.add_(residual)
         if tresidual is not None:
-            owned = ty is not None
             ty = tresidual if ty is None else ty + tresidual
     out = y.relu_()
-    tout = None if ty is None else relu_tangent(ty, out, inplace=owned)
+    # mask in place unless ty is one of the caller's tensors
+    tout = None if ty is None else relu_tangent(ty, out, inplace=ty is not u
+                                                and ty is not tresidual)
     if only_u and u is not None:  # tout = [out > 0] ⊙ u: the weight gradient reuses it
         return out, tout, LayerTrace(layer, a, z, mean, rstd, out, tout, u_masked=True)
     return out, tout, LayerTrace(layer, a, z, mean, rstd, out, u)
