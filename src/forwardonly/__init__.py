@@ -33,11 +33,11 @@ from .models import build_model  # noqa: E402
 from .models import cnn as _cnn  # noqa: E402,F401  (registers "cnn")
 from .models import local_mixer as _local_mixer  # noqa: E402,F401  (registers "local-mixer")
 from .models import mlp as _mlp  # noqa: E402,F401  (registers "mlp")
-from .train import RunResult, TrainingDiverged, train  # noqa: E402
+from .train import RunResult, TrainingDiverged, fit  # noqa: E402
 
 __all__ = [
     "ESTIMATORS", "Backprop", "ConfigError", "DataError", "Dataset", "Estimator",
     "ForwardGradient", "ForwardGradientSign", "ForwardModeError", "RunResult", "TrainConfig",
     "TrainingDiverged", "ZerothOrder", "ZerothOrderSign", "build_model",
-    "directional_derivatives", "ff", "load_dataset", "make_estimator", "models", "train",
+    "directional_derivatives", "ff", "fit", "load_dataset", "make_estimator", "models",
 ]

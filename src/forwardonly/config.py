@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import sys
 import types
@@ -187,6 +188,9 @@ class TrainConfig:
                                                 or self.head_weight_decay is not None):
             problems.append("head_lr_scale and head_weight_decay need a torch optimizer; use "
                             "optimizer sgd or adam")
+        if self.optimizer != "sgd" and self.momentum != default_of("momentum"):
+            problems.append(f"--momentum has no effect with --optimizer {self.optimizer} (it "
+                            f"is an option of optimizer sgd); drop it")
         if self.warmup_epochs > self.epochs:
             problems.append(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         for name in ("train_eval_size", "stop_after"):
@@ -207,11 +211,96 @@ class TrainConfig:
                             f"got {self.dist_timeout}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             problems.append(f"device must be cpu or cuda[:N]; got {self.device!r}")
+        elif self.device.startswith("cuda"):
+            problems += _cuda_problems(self.device)
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be at least 1 when set; got {self.threads} (leave "
+                            f"it unset for torch's own choice)")
+        problems += self.option_problems()
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
+    def option_problems(self) -> list[str]:
+        """Model and method options set (away from their defaults) that the chosen model or
+        method does not take: they would be silently ignored."""
+        from .estimators import ESTIMATORS
+        from .models import MODELS
+
+        problems = []
+        for kind, names, chosen, registry in (
+                ("method", METHOD_OPTIONS, self.method, ESTIMATORS),
+                ("model", MODEL_OPTIONS, self.model, MODELS)):
+            if chosen not in registry:
+                continue  # reported by validate()
+            for name in names:
+                if getattr(self, name) == default_of(name) or takes(registry[chosen], name):
+                    continue
+                users = sorted(k for k, v in registry.items() if takes(v, name))
+                problems.append(f"--{name.replace('_', '-')} has no effect with --{kind} "
+                                f"{chosen} (it is an option of {kind} "
+                                f"{', '.join(users) or 'none'}); drop it")
+        return problems
+
+    def method_options(self) -> dict[str, Any]:
+        """The settings the chosen method's estimator takes, by parameter name."""
+        from .estimators import ESTIMATORS
+
+        cls = ESTIMATORS[self.method]
+        return {param_name(n): getattr(self, n) for n in (*METHOD_OPTIONS, "seed")
+                if takes(cls, n)}
+
+    def model_options(self) -> dict[str, Any]:
+        """The settings the chosen model's builder takes, by parameter name."""
+        from .models import MODELS
+
+        builder = MODELS[self.model]
+        return {param_name(n): getattr(self, n) for n in (*MODEL_OPTIONS, "seed")
+                if takes(builder, n)}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Settings that belong to a model or a method: passed only to the ones whose signature takes
+# them (under the parameter name of ``param_name``), and rejected when set for others.
+MODEL_OPTIONS = ("widths", "activation", "channels", "preset", "blocks", "patches", "width",
+                 "groups", "ff_mode", "ff_goodness", "ff_readout", "ff_readout_from",
+                 "ff_label_scale", "ff_normalize_input", "ff_precision")
+METHOD_OPTIONS = ("directions", "distribution", "epsilon", "freeze_backbone", "ff_threshold",
+                  "ff_temperature", "ff_loss", "ff_negatives", "ff_peer_weight",
+                  "ff_blur_steps")
+# Config names whose parameter is spelled differently (the FF options drop their prefix).
+PARAM_NAMES: dict[str, str] = {}
+
+
+def param_name(field_name: str) -> str:
+    return PARAM_NAMES.get(field_name, field_name)
+
+
+def takes(fn: Any, field_name: str) -> bool:
+    """Whether ``fn`` (a builder, or an estimator class) has a parameter for ``field_name``."""
+    target = fn.__init__ if isinstance(fn, type) else fn
+    return param_name(field_name) in inspect.signature(target).parameters
+
+
+def default_of(name: str) -> Any:
+    f = next(x for x in fields() if x.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _cuda_problems(device: str) -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [f"device {device!r} was asked for, but this torch "
+                f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}; "
+                f"use --device cpu"]
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        return [f"device {device!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}"]
+    return []
 
 
 def fields() -> list[dataclasses.Field]:
@@ -266,7 +355,8 @@ def _coerce_scalar(name: str, value: Any, base: type, problems: list[str]) -> An
     return value
 
 
-def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+def from_dict(values: dict[str, Any], base: TrainConfig | None = None, *,
+              validate: bool = True) -> TrainConfig:
     """A config from ``values`` (over ``base`` or the defaults); unknown keys are errors."""
     known = {f.name for f in fields()}
     problems: list[str] = []
@@ -282,7 +372,8 @@ def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainC
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     cfg = dataclasses.replace(base or TrainConfig(), **clean)
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 

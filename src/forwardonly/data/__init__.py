@@ -35,6 +35,7 @@ from forwardonly.data.idx import DataError, Splits, load_idx
 
 __all__ = [
     "DATASETS",
+    "resolve_data_dir",
     "DATA_ENV",
     "DataError",
     "Dataset",
@@ -142,6 +143,17 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         splits = _LOADERS[key](Path(data_dir))
     train_x, train_y, test_x, test_y = splits
     return Dataset(key, train_x, train_y, test_x, test_y, _CLASSES[key])
+
+
+def resolve_data_dir(name: str, data_dir: str | Path | None = None) -> str | None:
+    """The absolute directory :func:`load_dataset` reads ``name`` from (``data_dir``, else
+    ``$FORWARDONLY_DATA``), or ``None`` for the embedded ``digits``: what a run records, so
+    it can be read again from any working directory."""
+    key = _ALIASES.get(name.strip().lower().replace("_", "-"), name)
+    if key == "digits":
+        return None
+    chosen = data_dir if data_dir is not None else (os.environ.get(DATA_ENV) or None)
+    return None if chosen is None else str(Path(chosen).expanduser().resolve())
 
 
 def channel_stats(x: Tensor, chunk_elements: int = 1 << 22) -> tuple[Tensor, Tensor]:
