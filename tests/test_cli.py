@@ -42,9 +42,9 @@ def test_config_files_mirror_the_flags(tmp_path, suffix, text):
     cfg = from_dict(load_file(path))
     assert (cfg.method, cfg.widths, cfg.lr) == ("zo", [8, 8], 0.01)
     args = build_parser().parse_args(["train", "--config", str(path), "--lr", "0.5"])
-    from forwardonly.cli import config_from_args
+    from forwardonly.cli import given_settings
 
-    cfg = config_from_args(args)
+    cfg = from_dict(given_settings(args))
     assert cfg.lr == 0.5 and cfg.method == "zo"  # flags override the file
 
 

@@ -9,21 +9,24 @@ import torch
 import yaml
 
 import forwardonly
-from forwardonly.config import ConfigError, from_dict
+from forwardonly.config import ConfigError, from_dict, takes
 from forwardonly.estimators.base import register
 from forwardonly.estimators.forward_gradient import ForwardGradient
-from forwardonly.train import TrainingDiverged, train
+from forwardonly.train import TrainingDiverged, fit
 from forwardonly.train.checkpoint import CheckpointError, load, save
 
 SMALL = dict(dataset="digits", widths=[16], batch_size=128, progress=False, directions=2)
 
 
 def cfg(tmp_path, **kw):
-    return from_dict({**SMALL, "out": str(tmp_path / "run"), **kw})
+    values = {**SMALL, "out": str(tmp_path / "run"), **kw}
+    if not takes(forwardonly.ESTIMATORS[values.get("method", "fg-w")], "directions"):
+        del values["directions"]  # an option of other methods: rejected here
+    return from_dict(values)
 
 
 def test_run_directory_contents(tmp_path):
-    result = train(cfg(tmp_path, epochs=2, seed=3), log=lambda s: None)
+    result = fit(cfg(tmp_path, epochs=2, seed=3), log=lambda s: None)
     run = result.run_dir
     doc = yaml.safe_load((run / "config.yaml").read_text())
     assert doc["config"]["seed"] == 3 and doc["config"]["method"] == "fg-w"
@@ -46,15 +49,15 @@ class Interrupt(Exception):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    full = train(cfg(tmp_path / "a", epochs=3), log=lambda s: None)
+    full = fit(cfg(tmp_path / "a", epochs=3), log=lambda s: None)
 
     def stop_after_first_epoch(message):
         if message.startswith("epoch 1/"):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(cfg(tmp_path / "b", epochs=3), log=stop_after_first_epoch)
-    resumed = train(cfg(tmp_path / "b", epochs=3), resume=True, log=lambda s: None)
+        fit(cfg(tmp_path / "b", epochs=3), log=stop_after_first_epoch)
+    resumed = fit(cfg(tmp_path / "b", epochs=3), resume=True, log=lambda s: None)
     for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)
     drop = ("seconds", "samples_per_s")
@@ -63,20 +66,20 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
-    train(cfg(tmp_path, epochs=1), log=lambda s: None)
-    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
-        train(cfg(tmp_path, epochs=1), log=lambda s: None)
+    fit(cfg(tmp_path, epochs=1), log=lambda s: None)
+    with pytest.raises(ConfigError, match="already holds a run; continue it with --resume"):
+        fit(cfg(tmp_path, epochs=1), log=lambda s: None)
 
 
 def test_resume_rejects_changed_settings(tmp_path):
-    train(cfg(tmp_path, epochs=1), log=lambda s: None)
-    with pytest.raises(ConfigError, match="lr: run has 0.001, given 0.5"):
-        train(cfg(tmp_path, epochs=2, lr=0.5), resume=True, log=lambda s: None)
+    fit(cfg(tmp_path, epochs=1), log=lambda s: None)
+    with pytest.raises(ConfigError, match="--lr: the run has 0.001, given 0.5"):
+        fit(cfg(tmp_path, epochs=2, lr=0.5), resume=True, log=lambda s: None)
 
 
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="holds no checkpoint.pt"):
-        train(cfg(tmp_path, epochs=1), resume=True, log=lambda s: None)
+        fit(cfg(tmp_path, epochs=1), resume=True, log=lambda s: None)
 
 
 @register("test-nan-in-epoch-2")
@@ -90,7 +93,7 @@ class NanLater(ForwardGradient):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match="epoch 2.*checkpoint of epoch 1.*is kept"):
-        train(cfg(tmp_path, epochs=3, method="test-nan-in-epoch-2"), log=lambda s: None)
+        fit(cfg(tmp_path, epochs=3, method="test-nan-in-epoch-2"), log=lambda s: None)
     state = load(tmp_path / "run" / "checkpoint.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -112,14 +115,14 @@ def test_checkpoint_loading_executes_no_pickled_code(tmp_path):
 
 
 def test_training_lowers_error_on_digits(tmp_path):
-    result = train(cfg(tmp_path, epochs=4, method="bp", lr=1e-2, batch_size=32),
+    result = fit(cfg(tmp_path, epochs=4, method="bp", lr=1e-2, batch_size=32),
                    log=lambda s: None)
     assert result.rows[-1]["train_loss"] < result.rows[0]["train_loss"]
     assert result.test_error < 0.15
 
 
 def test_inplace_sgd_training_lowers_the_loss(tmp_path):
-    result = train(cfg(tmp_path, epochs=3, method="zo", optimizer="sgd-inplace", lr=0.05,
+    result = fit(cfg(tmp_path, epochs=3, method="zo", optimizer="sgd-inplace", lr=0.05,
                        widths=[], batch_size=32), log=lambda s: None)
     assert result.rows[-1]["train_loss"] < 0.8 * result.rows[0]["train_loss"]
     assert all(p.grad is None for p in result.model.parameters())
@@ -157,7 +160,7 @@ def test_half_linear_schedule_is_flat_then_linear_to_zero():
 
 
 def test_head_gets_its_own_learning_rate_and_weight_decay(tmp_path):
-    from forwardonly.train.loop import build, make_optimizer
+    from forwardonly.train.builders import build, make_optimizer
 
     config = cfg(tmp_path, model="ff-mlp", method="ff", widths=[32, 32], optimizer="sgd",
                  lr=0.01, weight_decay=1e-3, head_lr_scale=10.0, head_weight_decay=3e-3,
@@ -170,7 +173,7 @@ def test_head_gets_its_own_learning_rate_and_weight_decay(tmp_path):
     assert (body["lr"], body["weight_decay"]) == (0.01, 1e-3)
     assert head["lr"] == pytest.approx(0.1) and head["weight_decay"] == 3e-3
     # 2 of 3 epochs: two thirds into the half-linear decay
-    result = train(dataclasses.replace(config, epochs=3, stop_after=2), log=lambda s: None)
+    result = fit(dataclasses.replace(config, epochs=3, stop_after=2), log=lambda s: None)
     assert result.rows[-1]["train_loss"] < result.rows[0]["train_loss"]
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     body_lr, head_lr = (g["lr"] for g in ckpt["optimizer"]["param_groups"])
@@ -180,7 +183,7 @@ def test_head_gets_its_own_learning_rate_and_weight_decay(tmp_path):
 
 def test_head_settings_need_a_model_with_a_head(tmp_path):
     with pytest.raises(ConfigError, match="has no `head` submodule"):
-        train(cfg(tmp_path, epochs=1, method="bp", head_lr_scale=10.0), log=lambda s: None)
+        fit(cfg(tmp_path, epochs=1, method="bp", head_lr_scale=10.0), log=lambda s: None)
     with pytest.raises(ConfigError, match="head_lr_scale must be a positive number"):
         from_dict({"head_lr_scale": 0.0})
     with pytest.raises(ConfigError, match="head_weight_decay must be a non-negative"):
@@ -189,9 +192,9 @@ def test_head_settings_need_a_model_with_a_head(tmp_path):
 
 def test_augmentation_changes_training_deterministically(tmp_path):
     base = dict(epochs=1, method="bp", lr=1e-2, batch_size=32)
-    plain = train(cfg(tmp_path / "a", **base), log=lambda s: None)
-    aug = train(cfg(tmp_path / "b", augment=["hflip", "shift"], **base), log=lambda s: None)
-    again = train(cfg(tmp_path / "c", augment=["hflip", "shift"], **base), log=lambda s: None)
+    plain = fit(cfg(tmp_path / "a", **base), log=lambda s: None)
+    aug = fit(cfg(tmp_path / "b", augment=["hflip", "shift"], **base), log=lambda s: None)
+    again = fit(cfg(tmp_path / "c", augment=["hflip", "shift"], **base), log=lambda s: None)
     assert aug.rows[0]["train_loss"] != plain.rows[0]["train_loss"]
     assert aug.rows[0]["train_loss"] == again.rows[0]["train_loss"]
     with pytest.raises(ConfigError, match="augment must be one of"):
@@ -204,10 +207,10 @@ def test_stop_after_splits_a_run_into_chunks_that_equal_one_run(tmp_path):
     # augmentation included: a resumed run must draw the same flips and shifts
     base = dict(epochs=3, method="fg-w", lr=1e-2, train_eval_size=100,
                 augment=["hflip", "shift"])
-    whole = train(cfg(tmp_path / "whole", **base), log=lambda s: None)
-    first = train(cfg(tmp_path / "chunks", stop_after=2, **base), log=lambda s: None)
+    whole = fit(cfg(tmp_path / "whole", **base), log=lambda s: None)
+    first = fit(cfg(tmp_path / "chunks", stop_after=2, **base), log=lambda s: None)
     assert len(first.rows) == 2
-    rest = train(cfg(tmp_path / "chunks", stop_after=2, **base), resume=True,
+    rest = fit(cfg(tmp_path / "chunks", stop_after=2, **base), resume=True,
                  log=lambda s: None)
     assert [r["train_loss"] for r in rest.rows] == [r["train_loss"] for r in whole.rows]
     # measured on 100 examples: a whole number of percent
@@ -218,7 +221,7 @@ def test_stop_after_splits_a_run_into_chunks_that_equal_one_run(tmp_path):
 
 
 def test_no_decay_biases_decays_weight_matrices_only(tmp_path):
-    from forwardonly.train.loop import make_optimizer
+    from forwardonly.train.builders import make_optimizer
 
     config = cfg(tmp_path, method="bp", optimizer="sgd", weight_decay=1e-3, decay_biases=False)
     model = forwardonly.models.build_model("mlp", (1, 8, 8), 10, widths=[16])
@@ -236,3 +239,138 @@ def test_no_decay_biases_decays_weight_matrices_only(tmp_path):
         from_dict({"decay_biases": False, "head_lr_scale": 10.0})
     with pytest.raises(ConfigError, match="--no-decay-biases needs a torch optimizer"):
         from_dict({"optimizer": "sgd-inplace", "decay_biases": False})
+
+
+# -- resume from the command line: the run's own settings -------------------------------------
+
+def _cli(*argv):
+    from forwardonly.cli import main
+
+    return main([*argv, "--no-progress"] if argv[0] == "train" else list(argv))
+
+
+def _params(run_dir):
+    return load(run_dir / "checkpoint.pt")["model"]
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_out_alone_equals_the_uninterrupted_run(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("widths: [16]\ndirections: 4\nlr: 0.01\nbatch_size: 64\nepochs: 3\n"
+                    "seed: 5\n")
+    assert _cli("train", "--config", str(conf), "--out", str(tmp_path / "whole")) == 0
+    assert _cli("train", "--config", str(conf), "--out", str(tmp_path / "cut"),
+                "--stop-after", "1") == 0
+    # neither the file nor any flag: the run decides every setting (not the CLI's defaults)
+    assert _cli("train", "--out", str(tmp_path / "cut"), "--resume") == 0
+    assert _same_state(_params(tmp_path / "whole"), _params(tmp_path / "cut"))
+    # the file again is fine too: it gives nothing the run does not already have
+    assert _cli("train", "--config", str(conf), "--out", str(tmp_path / "cut"), "--resume") == 0
+
+
+def test_resuming_a_finished_run_trains_nothing_unless_asked(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli("train", "--method", "bp", "--epochs", "2", "--widths", "8", "--out",
+                str(out)) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    assert _cli("train", "--out", str(out), "--resume") == 0
+    assert "already trained all 2 epochs" in capsys.readouterr().out
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert _cli("train", "--out", str(out), "--resume", "--epochs", "3") == 0
+    assert load(out / "checkpoint.pt")["epoch"] == 3
+    assert _cli("train", "--out", str(out), "--resume", "--epochs", "2") == 2
+    assert "fewer than the 3 epochs" in capsys.readouterr().err
+
+
+def test_resume_auto_starts_then_continues(tmp_path):
+    out = tmp_path / "run"
+    base = ("train", "--method", "bp", "--widths", "8", "--epochs", "2", "--out", str(out),
+            "--resume", "auto")
+    assert _cli(*base, "--stop-after", "1") == 0
+    assert load(out / "checkpoint.pt")["epoch"] == 1
+    assert _cli(*base) == 0
+    assert load(out / "checkpoint.pt")["epoch"] == 2
+
+
+def test_resume_keeps_the_recorded_data_location(tmp_path, monkeypatch):
+    from forwardonly.data import resolve_data_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_dir("mnist", "data") == str(tmp_path / "data")
+    assert resolve_data_dir("digits", "data") is None
+    monkeypatch.setenv("FORWARDONLY_DATA", "elsewhere")
+    assert resolve_data_dir("mnist") == str(tmp_path / "elsewhere")
+
+
+def test_a_refused_run_leaves_no_directory(tmp_path):
+    out = tmp_path / "never"
+    assert _cli("train", "--method", "bp", "--directions", "4", "--out", str(out)) == 2
+    assert _cli("train", "--out", str(out), "--resume") == 2
+    assert not out.exists()
+
+
+# -- faults a user can meet: one clear message, nothing lost -------------------------------
+
+def test_corrupt_config_yaml_is_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    fit(cfg(tmp_path, epochs=1), log=lambda s: None)
+    (out / "config.yaml").write_text("config: [unclosed\n")
+    assert _cli("eval", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml is corrupt" in err and "Traceback" not in err
+
+
+def test_checkpoint_of_another_shape_is_named(tmp_path, capsys):
+    fit(cfg(tmp_path / "a", epochs=1, widths=[8]), log=lambda s: None)
+    fit(cfg(tmp_path / "b", epochs=1, widths=[12]), log=lambda s: None)
+    (tmp_path / "a" / "run" / "checkpoint.pt").replace(tmp_path / "b" / "run" / "checkpoint.pt")
+    assert _cli("eval", str(tmp_path / "b" / "run")) == 2
+    assert "holds a model of another shape" in capsys.readouterr().err
+    assert _cli("train", "--out", str(tmp_path / "b" / "run"), "--resume", "--epochs", "2") == 2
+    assert "holds a model of another shape" in capsys.readouterr().err
+
+
+def test_a_full_disk_says_what_was_kept(tmp_path, monkeypatch):
+    import errno
+
+    from forwardonly.train import RunWriteError, checkpoint
+
+    real_save = checkpoint.save
+    calls = []
+
+    def save_then_fill_the_disk(state, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path) + ".tmp")
+        real_save(state, path)
+
+    monkeypatch.setattr(checkpoint, "save", save_then_fill_the_disk)
+    with pytest.raises(RunWriteError, match="the disk is full.*checkpoint of epoch 1 .* is "
+                                            "intact"):
+        fit(cfg(tmp_path, epochs=3), log=lambda s: None)
+    assert load(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_out_of_memory_is_a_clear_error(tmp_path, monkeypatch):
+    from forwardonly.train import OutOfMemory, builders
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 800000000000 bytes")
+
+    monkeypatch.setattr(builders, "build_model", no_memory)
+    with pytest.raises(OutOfMemory, match="does not fit in the memory of cpu.*smaller"):
+        fit(cfg(tmp_path, epochs=1), log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_exploding_loss_is_warned_about(tmp_path):
+    lines = []
+    fit(cfg(tmp_path, epochs=2, method="bp", lr=1e6), log=lines.append)
+    assert any(line.startswith("warning: the training loss grew") for line in lines)
+    quiet = []
+    fit(cfg(tmp_path / "ok", epochs=2, method="bp", lr=1e-2), log=quiet.append)
+    assert not any("warning" in line for line in quiet)

@@ -1,6 +1,6 @@
 """The training loop (:func:`fit`), its workers, run directories, checkpoints."""
 
-from .build import build, make_optimizer
+from .builders import build, make_optimizer
 from .fit import OutOfMemory, RunResult, RunWriteError, TrainingDiverged, fit
 from .run_dir import load_run, resume_config
 from .worker import LocalWorker, Worker, error_rate

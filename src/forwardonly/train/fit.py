@@ -36,7 +36,7 @@ from ..data.augment import augmenter
 from ..estimators import Estimator
 from ..seeding import mix_seed
 from . import checkpoint, records
-from .build import build_model_for, estimator_for, make_optimizer, make_schedule
+from .builders import build_model_for, estimator_for, make_optimizer, make_schedule
 from .run_dir import CHECKPOINT, load_model_state, plan_run
 from .worker import LocalWorker, Worker
 

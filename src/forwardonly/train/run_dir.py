@@ -59,7 +59,7 @@ def saved_config(run_dir: str | Path) -> TrainConfig:
 def resume_config(out: str | Path, changes: dict[str, Any] | None = None) -> TrainConfig:
     """The run in ``out`` with ``changes`` (the settings a user gave explicitly) on top;
     any change outside :data:`RESUMABLE_CHANGES` is refused by :func:`plan_run`."""
-    saved = saved_config(out)
+    saved = dataclasses.replace(saved_config(out), stop_after=None)  # a limit of one call
     config = from_dict({k: v for k, v in (changes or {}).items() if k != "out"}, base=saved,
                        validate=False)
     return dataclasses.replace(config, out=str(out))
@@ -104,7 +104,7 @@ def load_run(run_dir: str | Path, *, data_dir: str | None = None, device: str = 
     its data as the run saw it (standardized if it was), its model with the checkpoint's
     weights."""
     from ..data import load_dataset, standardize
-    from .build import build
+    from .builders import build
 
     run_dir = Path(run_dir)
     config = saved_config(run_dir)
