@@ -82,7 +82,16 @@ def machine_line(m: dict[str, Any]) -> str:
             f"CPUs, torch CPU capability {m['cpu_capability']}, {m['torch_threads']} torch "
             f"thread(s) at the start, load average {load}, malloc: {malloc}; torch "
             f"{m['torch']}, forwardonly {m['forwardonly']}, Python {m['python']}). "
-            f"Command: `{m['command']}`.*")
+            f"Command: `{m['command']}`.*" + _busy(m))
+
+
+def _busy(m: dict[str, Any]) -> str:
+    """A warning when other work was running: times are then noisy."""
+    load, cpus = m.get("load_average") or [0.0], m.get("cpu_count") or 1
+    if load[0] <= cpus / 2:
+        return ""
+    return (f" *The load average ({load[0]}) was above half the CPU count at the start: other "
+            "work shared the cores, so times are noisy; trust ratios whose range is narrow.*")
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
