@@ -1,18 +1,18 @@
-"""Core benchmarks: step time and peak memory of the estimators, MNIST accuracy after a budget.
+"""Core benchmarks on an MLP: step time and peak memory of the estimators, MNIST after a budget.
 
-Run through ``python benchmarks/run.py`` (which writes BENCHMARKS.md); each section can also
-be run alone::
+``core-step-time``: every method on its own copy of the same model, timed round-robin in one
+process (method A, B, C, A, B, C, ...) with the thread count set explicitly, medians over
+rounds and the spread of the ratio to backprop over rounds. Beside the library's estimators it
+times the forward gradient a user would write without the library: ``torch.func.jvp`` of
+``functional_call`` (``vmap`` over K directions), Gaussian directions, ``g = Σ_k d_k v_k / K``.
 
-    python benchmarks/core.py step-time   [--rounds 7]
-    python benchmarks/core.py memory      [--depths 2 4 8 16 32]
-    python benchmarks/core.py mnist       [--epochs 5]
+``core-memory``: peak resident set of a fresh process that builds the model and runs two
+steps, with glibc's default allocator and with ``MALLOC_MMAP_THRESHOLD_`` lowered (freed
+blocks leave the resident set, so the peak follows the live tensors); both the total and the
+growth above the import-only baseline (the interpreter and torch).
 
-Results go to benchmarks/results/core_<section>.csv and .md.
-Timings are ratios to a backprop step measured in the same process, methods interleaved
-round by round, medians over rounds (the machine is shared; absolute times are noisy).
-Peak memory is the peak resident set size (``ru_maxrss``) of a fresh process that builds the
-model and runs two steps, with glibc told to serve large blocks by mmap so freed memory leaves
-the resident set; it includes the interpreter and torch (~the same for all rows).
+``core-mnist``: test error after a fixed budget, each run through the library's loop in its
+own run directory (resumed when it holds a checkpoint).
 """
 
 from __future__ import annotations
@@ -20,90 +20,141 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-import forwardonly
+from benchmarks.common import add_data_dir, fit
+from benchmarks.report import REPO, Results, md_table
 from forwardonly import build_model, make_estimator
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-STEP_METHODS = [
-    ("bp", "bp", {}),
-    ("fg-w K=1", "fg-w", {"directions": 1}),
-    ("fg-w K=1 rademacher", "fg-w", {"directions": 1, "distribution": "rademacher"}),
-    ("fg-w K=1 rank1", "fg-w", {"directions": 1, "distribution": "rank1"}),
-    ("fg-w K=4", "fg-w", {"directions": 4}),
-    ("fg-w K=16", "fg-w", {"directions": 16}),
-    ("fg-w K=16 rank1", "fg-w", {"directions": 16, "distribution": "rank1"}),
-    ("zo K=1", "zo", {"directions": 1}),
-]
-
-
-def write(name: str, rows: list[dict], md: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    keys = list(rows[0])
-    lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
-    (RESULTS / f"core_{name}.csv").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"core_{name}.md").write_text(md)
-    print(md)
+# label -> (method, options); "plain" labels are the torch.func baseline, not an estimator
+STEP_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bp": ("bp", {}),
+    "fg-w K=1": ("fg-w", {"directions": 1}),
+    "plain jvp K=1": ("plain", {"directions": 1}),
+    "fg-w K=1 rademacher": ("fg-w", {"directions": 1, "distribution": "rademacher"}),
+    "fg-w K=1 rank1": ("fg-w", {"directions": 1, "distribution": "rank1"}),
+    "fg-w K=8": ("fg-w", {"directions": 8}),
+    "plain vmap(jvp) K=8": ("plain", {"directions": 8}),
+    "fg-w K=16 rank1": ("fg-w", {"directions": 16, "distribution": "rank1"}),
+    "zo K=1": ("zo", {"directions": 1}),
+}
 
 
-def step_time(rounds: int, batches: list[int]) -> None:
+class PlainForwardGradient:
+    """The forward gradient without the library: ``torch.func`` and Gaussian directions."""
+
+    def __init__(self, model: torch.nn.Module, directions: int) -> None:
+        self.model, self.k = model, directions
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        from torch.func import functional_call, jvp, vmap
+
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+
+        def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return F.cross_entropy(functional_call(self.model, p, (x,)), y)
+
+        vs = {n: torch.randn(self.k, *p.shape) for n, p in params.items()}  # (K, *shape)
+        if self.k == 1:
+            d = jvp(loss, (params,), ({n: v[0] for n, v in vs.items()},))[1].reshape(1)
+        else:
+            d = vmap(lambda v: jvp(loss, (params,), (v,))[1])(vs)  # (K,)
+        for n, p in self.model.named_parameters():
+            p.grad = torch.tensordot(d, vs[n], dims=1) / self.k
+
+
+def step_time(args: argparse.Namespace, res: Results) -> None:
+    labels = args.methods or list(STEP_METHODS)
+    if "bp" not in labels:
+        raise SystemExit("--methods must include bp: every ratio is to backprop")
     rows = []
-    for batch in batches:
-        torch.manual_seed(0)
-        model = build_model("mlp", (1, 28, 28), 10, widths=[1024, 1024])
-        x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-        ests = {label: make_estimator(m, model, F.cross_entropy, **o)
-                for label, m, o in STEP_METHODS}
-        steps = max(3, 2048 // batch)
-        times: dict[str, list[float]] = {label: [] for label in ests}
-        for est in ests.values():  # warm-up
-            est.step(x, y)
-        for _ in range(rounds):
-            for label, est in ests.items():
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    est.step(x, y)
-                times[label].append((time.perf_counter() - t0) / steps)
-        bp = statistics.median(times["bp"])
-        for label, ts in times.items():
-            med = statistics.median(ts)
-            rows.append({"batch": batch, "method": label, "median_ms": round(1e3 * med, 2),
-                         "ratio_to_bp": round(med / bp, 3)})
-    md = ["### Step time (MLP 784-1024-1024-10; gradient estimate only, ratio to backprop)\n",
-          f"Median over {rounds} interleaved rounds; target: fg-w K=1 ≤ 1.0× bp, "
-          "stretch ≤ 0.7×.\n",
-          "| method | " + " | ".join(f"batch {b}: ms (× bp)" for b in batches) + " |",
-          "|---|" + "---|" * len(batches)]
-    for label, _, _ in STEP_METHODS:
-        cells = [next(f"{r['median_ms']} ({r['ratio_to_bp']}×)" for r in rows
-                      if r["batch"] == b and r["method"] == label) for b in batches]
-        md.append(f"| {label} | " + " | ".join(cells) + " |")
-    write("step_time", rows, "\n".join(md) + "\n")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in args.batches:
+            torch.manual_seed(0)
+            x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+            steppers = {}
+            for label in labels:
+                method, opts = STEP_METHODS[label]
+                torch.manual_seed(0)  # every copy starts from the same weights
+                model = build_model("mlp", (1, 28, 28), 10, widths=args.widths)
+                steppers[label] = (PlainForwardGradient(model, opts["directions"])
+                                   if method == "plain" else
+                                   make_estimator(method, model, F.cross_entropy, **opts))
+            steps = args.steps or max(2, 1024 // batch)
+            times: dict[str, list[float]] = {label: [] for label in labels}
+            for s in steppers.values():  # warm-up
+                s.step(x, y)
+            for _ in range(args.rounds):
+                for label, s in steppers.items():
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        s.step(x, y)
+                    times[label].append((time.perf_counter() - t0) / steps)
+            for label, ts in times.items():
+                ratios = [t / b for t, b in zip(ts, times["bp"], strict=True)]
+                rows.append({"threads": threads, "batch": batch, "method": label,
+                             "median_ms": round(1e3 * statistics.median(ts), 2),
+                             "ratio_to_bp": round(statistics.median(ratios), 3),
+                             "ratio_min": round(min(ratios), 3),
+                             "ratio_max": round(max(ratios), 3),
+                             "rounds": args.rounds, "steps_per_round": steps})
+    arch = "-".join(map(str, [784, *args.widths, 10]))
+    header = ["threads", "method", *(f"batch {b}: ms (× bp, range over rounds)"
+                                     for b in args.batches)]
+    table = []
+    for threads in args.threads:
+        for label in labels:
+            cells = []
+            for b in args.batches:
+                r = next(r for r in rows if r["threads"] == threads and r["batch"] == b
+                         and r["method"] == label)
+                cells.append(f"{r['median_ms']} ({r['ratio_to_bp']}×, "
+                             f"{r['ratio_min']}–{r['ratio_max']})")
+            table.append([threads, label, *cells])
+    text = (f"Gradient estimate only (no optimizer step), MLP {arch}, random inputs; each "
+            f"method on its own copy of the model, methods interleaved round by round, median "
+            f"over {args.rounds} rounds; the ratio to backprop is the median of the per-round "
+            "ratios. *plain* = `torch.func.jvp` of `functional_call` (vmapped over K), the "
+            "forward gradient written without the library, timed in the same rounds. Issue 14's "
+            "targets (1 thread): fg-w K=1 ≤ 1.2× bp at batch 64, ≤ 0.9× at batch 1024; fg-w "
+            "K=8 at least as fast as plain vmap(jvp) K=8.\n\n" + md_table(header, table))
+    res.write("step_time", rows, title=f"Step time, MLP {arch}: estimators against backprop "
+              "and a plain torch.func forward gradient", text=text)
 
 
 MEMORY_METHODS = ["inference", "bp", "fg-w", "fg-w rank1", "zo", "fg-w inplace",
                   "fg-w rank1 inplace", "zo inplace"]
-# Large blocks straight from mmap, so freed memory leaves the resident set at once and the
-# peak RSS tracks the peak of live tensors (not glibc's heap fragmentation).
-MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+# "mmap": large blocks straight from mmap, so freed memory leaves the resident set and the
+# peak tracks the live tensors; "default": glibc's own heuristics (what a user gets).
+ALLOCATORS = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
+def _peak_kib() -> int:
+    """Peak resident set (KiB): ``VmHWM`` (not inherited through exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def memory_child(method: str, depth: int, width: int, batch: int) -> None:
-    """Runs in a fresh process: build, two steps, print the peak RSS in MiB."""
+    """In a fresh process: build, two steps; print the import-only and the peak RSS (MiB)."""
+    torch.set_num_threads(1)
+    base = _peak_kib()
     torch.manual_seed(0)
     model = build_model("mlp", (width,), width, widths=[width] * (depth - 1))
     x, y = torch.randn(batch, width), torch.randint(0, width, (batch,))
-    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(2):
         if method == "inference":
             with torch.no_grad():
@@ -113,44 +164,53 @@ def memory_child(method: str, depth: int, width: int, batch: int) -> None:
             dists = [r for r in rest if r != "inplace"]
             opts = {"distribution": dists[0]} if dists else {}
             est = make_estimator(name, model, F.cross_entropy, **opts)
-            if "inplace" in rest:  # optimizer sgd-inplace: no gradient buffer
+            if "inplace" in rest:  # --optimizer sgd-inplace: no gradient buffer
                 est.sgd_step(x, y, lr=1e-3)
             else:
                 est.step(x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rss_after_model_mib": rss_model, "peak_mib": peak}))
+    print(json.dumps({"import_mib": base / 1024, "peak_mib": _peak_kib() / 1024}))
 
 
-def memory(depths: list[int], width: int, batch: int) -> None:
+def memory(args: argparse.Namespace, res: Results) -> None:
+    methods = args.methods or MEMORY_METHODS
     rows = []
-    for depth in depths:
-        for method in MEMORY_METHODS:
-            out = subprocess.run(
-                [sys.executable, __file__, "memory-child", method, str(depth), str(width),
-                 str(batch)], capture_output=True, text=True, check=True, env=MALLOC_ENV)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append({"depth": depth, "method": method,
-                         "params_mib": round(depth * (width * width + width) * 4 / 2**20, 1),
-                         "peak_mib": round(r["peak_mib"], 1)})
-            print(rows[-1], flush=True)
+    for depth in args.depths:
+        for method in methods:
+            row: dict[str, Any] = {"depth": depth, "method": method, "params_mib": round(
+                depth * (args.width * args.width + args.width) * 4 / 2**20, 1)}
+            for alloc, env in ALLOCATORS.items():
+                out = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.core", "memory-child", method,
+                     str(depth), str(args.width), str(args.batch)], cwd=REPO,
+                    capture_output=True, text=True, check=True, env={**os.environ, **env})
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                row[f"peak_mib_{alloc}"] = round(r["peak_mib"], 1)
+                row[f"above_import_mib_{alloc}"] = round(r["peak_mib"] - r["import_mib"], 1)
+            rows.append(row)
+            print(row, flush=True)
     for r in rows:
-        inf = next(q["peak_mib"] for q in rows if q["depth"] == r["depth"]
-                   and q["method"] == "inference")
-        r["ratio_to_inference"] = round(r["peak_mib"] / inf, 3)
-    md = [f"### Peak memory of one training step (MLP width {width}, batch {batch})\n",
-          "Peak RSS of a fresh process (MiB; includes ~the interpreter and torch); "
-          "ratio to plain inference at the same depth. Target: fg-w and zo ≤ 1.3× "
-          "inference at every depth. *inplace* = `--optimizer sgd-inplace` (the update is "
-          "redrawn into the parameters; no `.grad`); the others fill `.grad` for a "
-          "`torch.optim` optimizer.\n",
-          "| depth | params MiB | " + " | ".join(MEMORY_METHODS) + " |",
-          "|---|---|" + "---|" * len(MEMORY_METHODS)]
-    for depth in depths:
-        sel = {r["method"]: r for r in rows if r["depth"] == depth}
-        cells = [f"{sel[m]['peak_mib']:.0f} ({sel[m]['ratio_to_inference']}×)"
-                 for m in MEMORY_METHODS]
-        md.append(f"| {depth} | {sel['bp']['params_mib']} | " + " | ".join(cells) + " |")
-    write("memory", rows, "\n".join(md) + "\n")
+        inf = next((q for q in rows if q["depth"] == r["depth"] and q["method"] == "inference"),
+                   None)
+        for alloc in ALLOCATORS:
+            key = f"above_import_mib_{alloc}"
+            r[f"ratio_to_inference_{alloc}"] = round(r[key] / inf[key], 3) if inf else ""
+    table = [[r["depth"], r["params_mib"], r["method"],
+              *(f"{r[f'peak_mib_{a}']:.0f}" for a in ALLOCATORS),
+              *(f"{r[f'above_import_mib_{a}']:.0f} ({r[f'ratio_to_inference_{a}']}×)"
+                for a in ALLOCATORS)] for r in rows]
+    header = ["depth", "params MiB", "method", "total peak, default malloc",
+              "total peak, mmap malloc", "above imports, default malloc (× inference)",
+              "above imports, mmap malloc (× inference)"]
+    text = (f"MLP of width {args.width}, batch {args.batch}: peak RSS (MiB) of a fresh process "
+            "that builds the model and runs two steps; *above imports* subtracts the peak "
+            "after importing torch and forwardonly, so it is the model plus the step's working "
+            "memory. *default malloc* is glibc as a user gets it; *mmap malloc* sets "
+            "`MALLOC_MMAP_THRESHOLD_=131072` so freed blocks leave the resident set. *inplace* = "
+            "`--optimizer sgd-inplace` (no `.grad`). Issue 14's target: the sgd-inplace step's "
+            "own memory ≤ 1.5× inference's with the default allocator.\n\n"
+            + md_table(header, table))
+    res.write("memory", rows, title=f"Peak memory of one training step, MLP width "
+              f"{args.width}, batch {args.batch}", text=text)
 
 
 MNIST_RUNS = [
@@ -162,71 +222,68 @@ MNIST_RUNS = [
 ]
 
 
-def mnist(epochs: int, data_dir: str, widths: list[int], collect_only: bool = False) -> None:
+def mnist(args: argparse.Namespace, res: Results) -> None:
     from forwardonly.config import from_dict
 
     rows = []
     for label, opts in MNIST_RUNS:
         tag = label.replace(" ", "").replace("=", "")
-        out = RESULTS / "runs" / f"mnist-{tag}-lr{opts['lr']}-e{epochs}"
-        cfg = from_dict({"dataset": "mnist", "data_dir": data_dir, "widths": widths,
-                         "batch_size": 64, "epochs": epochs, "progress": False,
-                         "out": str(out), **opts})
-        if collect_only:  # report what the run directories hold (possibly partial runs)
-            if not (out / "metrics.jsonl").exists():
+        run_dir = res.run_dir(f"mnist-{tag}-lr{opts['lr']}-e{args.epochs}")
+        if args.collect_only:  # what the run directory holds (possibly a partial run)
+            path = run_dir / "metrics.jsonl"
+            if not path.is_file():
                 continue
-            done = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            done = [json.loads(line) for line in path.read_text().splitlines()]
         else:  # a stopped (or finished) run continues from its checkpoint
-            done = forwardonly.train(cfg, resume=(out / "checkpoint.pt").exists()).rows
-        rows.append({"method": label, "epochs": f"{len(done)}/{epochs}", "lr": opts["lr"],
+            cfg = from_dict({"dataset": "mnist", "data_dir": args.data_dir,
+                             "widths": args.widths, "batch_size": 64, "epochs": args.epochs,
+                             "threads": args.threads, "progress": False, "out": str(run_dir),
+                             **opts})
+            done = fit(cfg, resume=(run_dir / "checkpoint.pt").is_file()).rows
+        rows.append({"method": label, "lr": opts["lr"], "epochs": f"{len(done)}/{args.epochs}",
                      "test_error_pct": round(100 * done[-1]["test_error"], 2),
                      "train_error_pct": round(100 * done[-1]["train_error"], 2),
                      "seconds": round(sum(r["seconds"] for r in done), 1)})
-    arch = "-".join(str(w) for w in [784, *widths, 10])
-    md = [f"### MNIST after a fixed budget (MLP {arch}, Adam, cosine, batch 64, "
-          f"{epochs} epochs)\n",
-          "Ren et al. (2023) report FG-W at 9.25% test error (LocalMixer S/1/1); target: "
-          "fg-w ≤ 9.25%.\n",
-          "| method | lr | epochs done | test error % | train error % | seconds |",
-          "|---|---|---|---|---|---|"]
-    md += [f"| {r['method']} | {r['lr']} | {r['epochs']} | {r['test_error_pct']} | "
-           f"{r['train_error_pct']} | {r['seconds']} |" for r in rows]
-    write("mnist", rows, "\n".join(md) + "\n")
+    if not rows:
+        raise SystemExit(f"no run directories under {res.dir / 'runs'}")
+    arch = "-".join(map(str, [784, *args.widths, 10]))
+    text = ("Each run through the library's loop (Adam, cosine schedule, batch 64). Ren et al. "
+            "(2023) report FG-W at 9.25% test error (LocalMixer S/1/1).\n\n" + md_table(
+                ["method", "lr", "epochs done", "test error %", "train error %", "seconds"],
+                [list(r.values()) for r in rows]))
+    res.write("mnist", rows, title=f"MNIST after a fixed budget (MLP {arch}, {args.epochs} "
+              "epochs)", text=text)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="section", required=True)
-    s = sub.add_parser("step-time")
-    s.add_argument("--rounds", type=int, default=7)
-    s.add_argument("--batches", type=int, nargs="+", default=[64, 1024])
-    s = sub.add_parser("memory")
-    s.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 16, 32])
-    s.add_argument("--width", type=int, default=2048)
-    s.add_argument("--batch", type=int, default=2048)
-    s = sub.add_parser("memory-child")
-    s.add_argument("method")
-    s.add_argument("depth", type=int)
-    s.add_argument("width", type=int)
-    s.add_argument("batch", type=int)
-    s = sub.add_parser("mnist")
-    s.add_argument("--epochs", type=int, default=5)
-    s.add_argument("--widths", type=int, nargs="+", default=[256, 256])
-    s.add_argument("--collect-only", action="store_true",
-                   help="tabulate the run directories as they are (no training)")
-    s.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2]
-                                             / "shared" / "data" / "mnist"))
-    a = p.parse_args()
-    if a.section == "step-time":
-        step_time(a.rounds, a.batches)
-    elif a.section == "memory":
-        memory(a.depths, a.width, a.batch)
-    elif a.section == "memory-child":
-        memory_child(a.method, a.depth, a.width, a.batch)
+def arguments(name: str, p: argparse.ArgumentParser) -> None:
+    if name == "core-step-time":
+        p.add_argument("--rounds", type=int, default=7)
+        p.add_argument("--steps", type=int, default=None,
+                       help="steps per method per round (default: 1024 / batch, at least 2)")
+        p.add_argument("--batches", type=int, nargs="+", default=[64, 1024])
+        p.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                       help="torch thread counts, each measured separately")
+        p.add_argument("--widths", type=int, nargs="+", default=[1024, 1024])
+        p.add_argument("--methods", nargs="+", choices=list(STEP_METHODS), default=None)
+    elif name == "core-memory":
+        p.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+        p.add_argument("--width", type=int, default=2048)
+        p.add_argument("--batch", type=int, default=2048)
+        p.add_argument("--methods", nargs="+", choices=MEMORY_METHODS, default=None)
     else:
-        mnist(a.epochs, a.data_dir, a.widths, a.collect_only)
+        p.add_argument("--epochs", type=int, default=5)
+        p.add_argument("--widths", type=int, nargs="+", default=[256, 256])
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--collect-only", action="store_true",
+                       help="tabulate the run directories as they are (no training)")
+        add_data_dir(p)
 
 
-if __name__ == "__main__":
-    main()
+def run(name: str, args: argparse.Namespace, res: Results) -> None:
+    {"core-step-time": step_time, "core-memory": memory, "core-mnist": mnist}[name](args, res)
+
+
+if __name__ == "__main__":  # the fresh process of one memory measurement
+    if sys.argv[1:2] != ["memory-child"]:
+        raise SystemExit("run the benchmarks with: python -m benchmarks NAME")
+    memory_child(sys.argv[2], *map(int, sys.argv[3:6]))

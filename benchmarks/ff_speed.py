@@ -1,134 +1,175 @@
-"""Seconds per MNIST epoch of Forward-Forward training, 784-1000-1000-1000 at batch 100.
+"""Forward-Forward step time against a plain-PyTorch FF step, interleaved in one process.
 
-The issue's yardstick: the best-known public PyTorch FF implementation takes 48 s per epoch
-of this configuration on this machine; the target is 24 s. One epoch here is 600 steps of
-``opt.zero_grad(); est.step(x, y); opt.step()`` over the 60,000 training images (supervised,
-hard negatives with their neutral-label pass, the softmax head trained alongside, Adam), then
-the test-set evaluation by trying all 10 labels, timed separately.
+The network of the issue's yardstick: 784-1000-1000-1000, batch 100, supervised FF with
+random wrong-label negatives (both sides do the same work: a positive and a negative pass per
+layer, no softmax head, no peer normalization). Two ways of doing one training step, each
+with its own copy of the same weights and Adam:
 
-    python benchmarks/ff_speed.py                         # float32 and bfloat16, torch's threads
-    python benchmarks/ff_speed.py --threads 1 --precision float32
-    python benchmarks/ff_speed.py --negatives random --steps 200
+- *forwardonly*: ``opt.zero_grad(); ForwardForward.step(x, y); opt.step()`` (the library's
+  closed-form layer gradients, the first layer shared by the label variants);
+- *plain*: the straightforward PyTorch FF of the reference recipe: per layer, normalize the
+  input, ``relu(Linear(x))``, goodness = sum of squares, softplus loss around the threshold,
+  ``loss.backward()`` and the layer's own Adam step; the next layer gets the detached output.
 
-Wall time depends on what else runs on the machine, so the process CPU time is printed too
-(equal to wall time × threads on an idle machine), with the load average at the start. The
-table also goes to ``benchmarks/out/ff/speed.md`` and ``speed.csv`` (for BENCHMARKS.md).
+Both run at the same precision (``--precision``; bf16 only helps where the CPU computes it
+natively: see ``torch.backends.cpu.get_cpu_capability()`` in the record), timed round-robin
+(``--steps`` of one, then of the other, ``--rounds`` times) for each ``--threads`` count; the
+ratio is the median of the per-round ratios, with its range.
+
+    python -m benchmarks ff-speed --threads 1 2 --rounds 5 --steps 50
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
+import statistics
 import time
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from forwardonly.ff import FFNet, ForwardForward
+from benchmarks.common import add_data_dir
+from benchmarks.report import Results, md_table
+from forwardonly import build_model, make_estimator
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
+
+class PlainFF:
+    """Forward-Forward written the straightforward way (the reference recipe)."""
+
+    def __init__(self, sizes: list[int], dtype: torch.dtype, classes: int = 10,
+                 label_scale: float = 1.0) -> None:
+        self.layers = [nn.Linear(a, b, dtype=dtype) for a, b in zip(sizes[:-1], sizes[1:],
+                                                                       strict=True)]
+        self.opts = [torch.optim.Adam(layer.parameters(), lr=1e-3) for layer in self.layers]
+        self.thresholds = [float(layer.out_features) for layer in self.layers]  # sum goodness
+        self.classes, self.scale, self.dtype = classes, label_scale, dtype
+
+    def embed(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1).clone()
+        x[:, : self.classes] = 0.0
+        x[torch.arange(len(x)), labels] = self.scale
+        return x.to(self.dtype)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        wrong = (y + torch.randint(1, self.classes, y.shape)) % self.classes
+        h_pos, h_neg = self.embed(x, y), self.embed(x, wrong)
+        for layer, opt, theta in zip(self.layers, self.opts, self.thresholds, strict=True):
+            def run(h: torch.Tensor, layer: nn.Linear = layer) -> torch.Tensor:
+                return torch.relu(layer(h / (h.norm(dim=1, keepdim=True) + 1e-4)))
+
+            a_pos, a_neg = run(h_pos), run(h_neg)
+            g_pos, g_neg = a_pos.pow(2).sum(1), a_neg.pow(2).sum(1)
+            loss = F.softplus(torch.cat([theta - g_pos, g_neg - theta])).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            h_pos, h_neg = a_pos.detach(), a_neg.detach()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+class LibraryFF:
+    """The library's FF network and estimator with Adam, the same work as :class:`PlainFF`."""
+
+    def __init__(self, widths: list[int], precision: str) -> None:
+        self.model = build_model("ff-mlp", (1, 28, 28), 10, widths=widths, ff_mode="supervised",
+                                 ff_readout="goodness", ff_precision=precision, seed=0)
+        self.est = make_estimator("ff", self.model, F.cross_entropy, seed=0,
+                                  ff_negatives="random", ff_peer_weight=0.0)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.opt.zero_grad()
+        self.est.step(x, y)
+        self.opt.step()
+
+
+def images(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """MNIST training images when found (the library's rule), else random stand-ins: the
+    step time does not depend on pixel values."""
+    from forwardonly import DataError, load_dataset
+
+    try:
+        ds = load_dataset("mnist", args.data_dir)
+        return ds.train_x, ds.train_y, "MNIST"
+    except DataError as err:
+        print(f"(MNIST not found: {err} Timing on random images of the same shape.)")
+        g = torch.Generator().manual_seed(0)
+        n = args.batch_size * 20
+        return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g), \
+            "random"
+
+
+def arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[1000, 1000, 1000])
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--negatives", choices=("random", "hard"), default="hard")
-    p.add_argument("--precision", nargs="+", default=["float32", "bfloat16"],
-                   choices=("float32", "bfloat16"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--steps", type=int, default=None, help="steps to time (default: one epoch)")
-    p.add_argument("--no-eval", action="store_true", help="skip timing the test evaluation")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "ff",
-                   help="folder of speed.md / speed.csv")
-    return p.parse_args(argv)
+    p.add_argument("--precision", choices=("float32", "bfloat16"), nargs="+",
+                   default=["float32"])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                   help="torch thread counts, each measured separately")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=50, help="steps per method per round")
+    add_data_dir(p)
 
 
-def load(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """MNIST train images, labels, test images; random stand-ins if the files are missing."""
-    try:
-        from forwardonly.data import load_dataset
-
-        ds = load_dataset("mnist", data_dir)
-        return ds.train_x, ds.train_y, ds.test_x, "MNIST"
-    except Exception as err:  # speed does not depend on pixel values
-        g = torch.Generator().manual_seed(0)
-        print(f"(MNIST not loaded: {err}; timing on random images of the same shape)")
-        return (torch.rand(60000, 1, 28, 28, generator=g),
-                torch.randint(0, 10, (60000,), generator=g),
-                torch.rand(10000, 1, 28, 28, generator=g), "random")
-
-
-def time_epoch(args: argparse.Namespace, precision: str, data) -> dict[str, float]:
-    train_x, train_y, test_x, _ = data
-    net = FFNet((1, 28, 28), 10, args.widths, precision=precision, seed=0)
-    est = ForwardForward(net, ff_negatives=args.negatives, seed=0)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+def run(name: str, args: argparse.Namespace, res: Results) -> None:
+    train_x, train_y, source = images(args)
     B = args.batch_size
-    steps = args.steps or len(train_y) // B
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))
+    batches = [order[i : i + B] for i in range(0, len(order) - B + 1, B)]
 
-    def step(i: int) -> None:
-        idx = order[(i * B) % len(train_y) : (i * B) % len(train_y) + B]
-        opt.zero_grad()
-        est.step(train_x[idx], train_y[idx])
-        opt.step()
+    def go(side: PlainFF | LibraryFF, first: int, n: int) -> None:
+        for i in range(first, first + n):
+            idx = batches[i % len(batches)]
+            side.step(train_x[idx], train_y[idx])
 
-    for i in range(5):  # warm-up: allocator, kernels
-        step(i)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for i in range(steps):
-        step(i)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    scale = (len(train_y) // B) / steps  # per full epoch
-    out = {"epoch_wall_s": wall * scale, "epoch_cpu_s": cpu * scale,
-           "ms_per_step": 1e3 * wall / steps}
-    if not args.no_eval:
-        t = time.perf_counter()
-        with torch.no_grad():
-            for chunk in test_x.split(1000):
-                net(chunk).argmax(-1)
-        out["eval_wall_s"] = time.perf_counter() - t
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = load(args.data_dir)
-    load1, load5, _ = os.getloadavg()
-    widths = "-".join(str(w) for w in [784, *args.widths])
-    lines = [
-        f"FF {widths}, batch {args.batch_size}, {args.negatives} negatives, {data[3]} data, "
-        f"{torch.get_num_threads()} torch thread(s), load average {load1:.1f} / {load5:.1f} "
-        f"on {os.cpu_count()} CPUs at the start. Yardstick: the best-known public PyTorch "
-        "implementation takes 48 s per epoch of this configuration here; target 24 s. "
-        "Command: `python benchmarks/ff_speed.py "
-        + (f"--threads {args.threads}" if args.threads else "") + "`.",
-        "",
-        "| precision | s / epoch (wall) | CPU s / epoch | ms / step | test eval s (wall) |",
-        "|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
     rows = []
-    for precision in args.precision:
-        r = time_epoch(args, precision, data)
-        rows.append({"precision": precision, **r})
-        ev = f"{r['eval_wall_s']:.1f}" if "eval_wall_s" in r else "—"
-        lines.append(f"| {precision} | {r['epoch_wall_s']:.1f} | {r['epoch_cpu_s']:.1f} | "
-                     f"{r['ms_per_step']:.1f} | {ev} |")
-        print(lines[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.md").write_text("\n".join(lines) + "\n")
-    with (args.out / "speed.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-if __name__ == "__main__":
-    main()
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for precision in args.precision:
+            dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+            ours = LibraryFF(args.widths, precision)
+            torch.manual_seed(0)
+            plain = PlainFF([28 * 28, *args.widths], dtype)
+            with torch.no_grad():  # the same starting weights
+                for mine, ref in zip(plain.layers, ours.model.layers, strict=True):
+                    mine.weight.copy_(ref.weight)
+                    mine.bias.copy_(ref.bias)
+            sides: dict[str, PlainFF | LibraryFF] = {"forwardonly": ours, "plain PyTorch": plain}
+            times: dict[str, list[float]] = {k: [] for k in sides}
+            for side in sides.values():  # warm-up: allocator, kernels
+                go(side, 0, 3)
+            for r in range(args.rounds):
+                for k, side in sides.items():
+                    t0 = time.perf_counter()
+                    go(side, r * args.steps, args.steps)
+                    times[k].append((time.perf_counter() - t0) / args.steps)
+            ratios = [p / o for p, o in zip(times["plain PyTorch"], times["forwardonly"],
+                                            strict=True)]
+            for k, ts in times.items():
+                rows.append({"threads": threads, "precision": precision, "method": k,
+                             "ms_per_step": round(1e3 * statistics.median(ts), 2),
+                             "epoch_s_at_this_rate": round(statistics.median(ts)
+                                                           * (60000 // B), 1),
+                             "plain_over_ours": round(statistics.median(ratios), 3)
+                             if k == "forwardonly" else "",
+                             "ratio_min": round(min(ratios), 3) if k == "forwardonly" else "",
+                             "ratio_max": round(max(ratios), 3) if k == "forwardonly" else "",
+                             "rounds": args.rounds, "steps_per_round": args.steps})
+    widths = "-".join(map(str, [784, *args.widths]))
+    table = [[r["threads"], r["precision"], r["method"], r["ms_per_step"],
+              r["epoch_s_at_this_rate"],
+              f"{r['plain_over_ours']}× ({r['ratio_min']}–{r['ratio_max']})"
+              if r["plain_over_ours"] != "" else ""] for r in rows]
+    text = (f"FF {widths}, batch {B}, supervised, random wrong-label negatives, no head, no "
+            f"peer normalization, Adam; {source} images. The library's step and a plain-PyTorch "
+            f"FF step (per-layer `loss.backward()` and Adam, the reference recipe) on copies of "
+            f"the same weights, interleaved: {args.steps} steps of each per round, "
+            f"{args.rounds} rounds; median ms per step; *plain / ours* is the median of the "
+            f"per-round ratios (range in brackets). Issue 14's target: ≥ 2× at equal precision "
+            f"and batch. Epoch seconds are the step time × {60000 // B} steps (training only, "
+            "no data loading, no evaluation).\n\n"
+            + md_table(["threads", "precision", "method", "ms / step", "s / epoch at this rate",
+                        "plain / ours"], table))
+    res.write("speed", rows, title=f"Forward-Forward step time, {widths}, batch {B}: the "
+              "library against plain PyTorch", text=text)

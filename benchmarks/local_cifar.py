@@ -9,14 +9,14 @@ writes a checkpoint in the run's directory; a run resumes from its checkpoint, a
 a long schedule runs as a series of short calls (e.g. 10-minute GPU sessions):
 
     # CPU: a fixed small budget, in the background (one method per process, one per core)
-    nohup nice -n 10 .venv/bin/python benchmarks/local_cifar.py --epochs 6 --threads 1 \\
-        --methods lg-fg-a &
-    nohup nice -n 10 .venv/bin/python benchmarks/local_cifar.py --epochs 6 --threads 1 \\
-        --methods bp l-bp &
+    nohup nice -n 10 python -m benchmarks local-cifar --epochs 6 --methods lg-fg-a &
+    nohup nice -n 10 python -m benchmarks local-cifar --epochs 6 --methods bp l-bp &
     # GPU: the paper-length schedule in chunks; repeat the same command until it is done
-    .venv/bin/python benchmarks/local_cifar.py --device cuda --epochs 200 --chunk 20 \\
-        --tag gpu200
-    .venv/bin/python benchmarks/local_cifar.py --epochs 6 --report   # table + plot from the CSV
+    python -m benchmarks local-cifar --device cuda --epochs 200 --chunk 20 --tag gpu200
+    python -m benchmarks local-cifar --epochs 6 --report   # table + plot from the CSV
+
+Results: ``benchmarks/results/local-cifar/<tag>.csv``, ``.md``, ``.png``; the run
+directories of the library's loop under ``runs/``.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import csv
 
-import torch
+from benchmarks.common import add_data_dir, add_threads, set_threads
+from benchmarks.local_common import PAPER, train_run
+from benchmarks.report import Results
 
-from local_common import OUT, PAPER, train_run
-
-# peak learning rates: the MNIST sweep's choices (local_lr_sweep.py); no CIFAR sweep fits the CPU
+# peak learning rates: the MNIST sweep's choices (local-lr-sweep); no CIFAR sweep fits the CPU
 LRS = {"bp": 0.1, "l-bp": 0.1, "lg-fg-a": 0.03}
+TITLES = {"cpu6": "CIFAR-10, LocalMixer M/8/16: LG-FG-A against BP and L-BP",
+          "cpu6-rademacher": "CIFAR-10, LocalMixer M/8/16: LG-FG-A with Rademacher tangents"}
 
 
 def read_rows(csv_path) -> list[dict[str, str]]:
@@ -86,39 +88,40 @@ def plot(csv_path, png_path, tag: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--methods", nargs="+", default=["lg-fg-a", "bp", "l-bp"])
+def arguments(name: str, ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--methods", nargs="+", default=["lg-fg-a", "bp", "l-bp"],
+                    choices=list(LRS))
     ap.add_argument("--epochs", type=int, default=3, help="length of the cosine schedule")
     ap.add_argument("--chunk", type=int, default=None, help="stop after this many epochs")
     ap.add_argument("--warmup", type=float, default=None,
                     help="warmup epochs (default: 1, or 5 for schedules of 50+ epochs)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--distribution", default="gaussian")
     ap.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--tag", default=None, help="run name (CSV, checkpoints)")
+    ap.add_argument("--tag", default=None, help="run name (CSV, run directories)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", action="store_true",
                     help="only rewrite the markdown table and the plot from the CSV")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    add_threads(ap)
+    add_data_dir(ap)
+
+
+def run(name: str, args: argparse.Namespace, res: Results) -> None:
+    set_threads(args.threads)
     tag = args.tag or f"cpu{args.epochs}"
     warmup = args.warmup if args.warmup is not None else (5.0 if args.epochs >= 50 else 1.0)
-    csv_path = OUT / f"cifar_{tag}.csv"
+    csv_path = res.path(f"{tag}.csv")
+    title = TITLES.get(tag, f"CIFAR-10, LocalMixer M/8/16, run {tag}")
+
+    def write() -> None:
+        res.write(tag, [], title=title, text=report(csv_path, tag), csv_rows=False)
+        plot(csv_path, res.png(tag), tag)
+
     for method in [] if args.report else args.methods:
-        train_run(preset="M/8/16", method=method, dataset="cifar10", epochs=args.epochs,
-                  lr=LRS[method], warmup_epochs=warmup, seed=args.seed,
+        train_run(preset="M/8/16", method=method, dataset="cifar10", data_dir=args.data_dir,
+                  epochs=args.epochs, lr=LRS[method], warmup_epochs=warmup, seed=args.seed,
                   distribution=args.distribution, device=args.device, csv_path=csv_path,
-                  run_dir=OUT / "ckpt" / f"cifar_{tag}_{method}", stop_after=args.chunk,
+                  run_dir=res.run_dir(f"{tag}_{method}"), stop_after=args.chunk,
                   augment=["hflip"] if args.flip else [], extra={"tag": tag})
-        (OUT / f"cifar_{tag}.md").write_text(report(csv_path, tag))
-        plot(csv_path, OUT / f"cifar_{tag}.png", tag)
-    if args.report:
-        (OUT / f"cifar_{tag}.md").write_text(report(csv_path, tag))
-        plot(csv_path, OUT / f"cifar_{tag}.png", tag)
-    print(report(csv_path, tag))
-
-
-if __name__ == "__main__":
-    main()
+        write()
+    write()

@@ -1,6 +1,6 @@
-"""Shared pieces of the LocalMixer benchmarks: data, training runs, CSV output.
+"""Shared pieces of the LocalMixer benchmarks: the paper's figures, training runs, CSV rows.
 
-Runs go through the package's own trainer (``forwardonly.train``) with Ren et al.'s
+Runs go through the library's loop (:data:`benchmarks.common.fit`) with Ren et al.'s
 supervised recipe: SGD with momentum 0.9, linear warmup then cosine decay, weight decay 1e-4
 on the weight matrices only (not on biases, as in the paper's code), optional augmentation.
 Each run has its run directory (config, metrics, checkpoint after every epoch), so a stopped
@@ -16,13 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import fit
 from forwardonly.config import from_dict
 from forwardonly.data import Dataset, load_dataset, standardize
-from forwardonly.train import train
 
-DATA_DIR = os.environ.get("FORWARDONLY_DATA", str(Path(__file__).resolve().parents[2] / "shared"
-                                                   / "data"))
-OUT = Path(__file__).resolve().parent / "out" / "local"
 METHODS = ("bp", "l-bp", "lg-bp", "fg-w", "fg-w-mixer", "fg-a", "lg-fg-w", "lg-fg-a")
 
 # The paper's test / train error (%), Table 3 (OpenReview version).
@@ -42,9 +39,10 @@ PAPER = {
 }
 
 
-def load(name: str) -> Dataset:
-    """The data set, standardized per channel with training-split statistics."""
-    return standardize(load_dataset(name, DATA_DIR))
+def load(name: str, data_dir: str | None) -> Dataset:
+    """The data set (found by the library's rule), standardized per channel with
+    training-split statistics."""
+    return standardize(load_dataset(name, data_dir))
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -57,13 +55,14 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         writer.writerow(row)
 
 
-def train_run(*, preset: str, method: str, dataset: str, epochs: int, lr: float,
+def train_run(*, preset: str, method: str, dataset: str, data_dir: str | None, epochs: int,
+              lr: float,
               batch_size: int = 128, warmup_epochs: float = 1.0, weight_decay: float = 1e-4,
               seed: int = 0, directions: int = 1, distribution: str = "gaussian",
               device: str = "cpu", csv_path: Path, run_dir: Path, train_eval: int = 10_000,
               stop_after: int | None = None, augment: Sequence[str] = (),
               extra: dict[str, Any] | None = None, log=print) -> list[dict[str, Any]]:
-    """Train one (preset, method) run with ``forwardonly.train`` in ``run_dir`` (resumed when
+    """Train one (preset, method) run with the library's loop in ``run_dir`` (resumed when
     it holds a checkpoint) and append one CSV row per newly finished epoch to ``csv_path``.
 
     The recipe above as trainer settings: ``optimizer sgd``, ``momentum 0.9``,
@@ -76,7 +75,7 @@ def train_run(*, preset: str, method: str, dataset: str, epochs: int, lr: float,
     if method == "heads-only":  # the backbone frozen at initialisation, heads trained
         method_options = {"method": "l-bp", "freeze_backbone": True}
     config = from_dict({
-        "dataset": dataset, "data_dir": DATA_DIR, "model": "local-mixer", "preset": preset,
+        "dataset": dataset, "data_dir": data_dir, "model": "local-mixer", "preset": preset,
         **method_options, "directions": directions, "distribution": distribution,
         "optimizer": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": weight_decay,
         "decay_biases": False, "warmup_epochs": warmup_epochs, "schedule": "cosine",
@@ -117,7 +116,7 @@ def train_run(*, preset: str, method: str, dataset: str, epochs: int, lr: float,
         sync()
         log(f"{preset} {method}: {message}")
 
-    train(config, resume=resume, log=on_epoch)
+    fit(config, resume=resume, log=on_epoch)
     sync()
     return rows
 

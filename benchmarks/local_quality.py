@@ -24,29 +24,31 @@ Predictions (Gaussian directions, one fixed batch):
   whole block; LG-FG-A: per (example, group) loss, only the group's units (the LN's
   projection is left out, so this slightly overestimates).
 
-    nice -n 10 .venv/bin/python benchmarks/local_quality.py --draws 16
+    python -m benchmarks local-quality --draws 16
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 
 import torch
 import torch.nn.functional as F
 
-from forwardonly.estimators.base import make_estimator
-from forwardonly.models.local_mixer import layer_norm, local_mixer
-from local_common import OUT, load
+from benchmarks.common import add_data_dir, add_threads, set_threads
+from benchmarks.local_common import load
+from benchmarks.report import Results, md_table
+from forwardonly import build_model, make_estimator
+from forwardonly.models.local_norm import layer_norm, ln_stats
 
 METHODS = {"fg-w": "bp", "fg-a": "bp", "lg-fg-w": "l-bp", "lg-fg-a": "l-bp"}
-HEADER = ("Estimator quality on one MNIST batch of {batch}: LocalMixer with one block, one patch, "
+HEADER = ("One MNIST batch of {batch}: LocalMixer with one block, one patch, "
           "C channels in G = C/32 groups (C = 512 is M/1/16), after {warm} backprop steps. "
           "{draws} one-direction estimates per method; per layer, the mean cosine to the exact "
           "gradient (global loss for FG-W/FG-A, local losses for LG-FG-W/LG-FG-A) and the "
           "normalized variance ν = E‖g − ∇‖²/‖∇‖², against Table 1's formulas (see "
           "benchmarks/local_quality.py; cos predicted as 1/√(1+ν)).")
+TITLE = "Estimator quality as the LocalMixer grows (against Table 1's formulas)"
 
 
 def grads_of(model, name, x, y, **options):
@@ -56,8 +58,8 @@ def grads_of(model, name, x, y, **options):
 
 
 def warm_model(width: int, data, steps: int, seed: int):
-    model = local_mixer(data.in_shape, 10, "M/1/16", width=width, groups=max(1, width // 32),
-                        seed=seed)
+    model = build_model("local-mixer", data.in_shape, 10, preset="M/1/16", width=width,
+                        groups=max(1, width // 32), seed=seed)
     est = make_estimator("bp", model, F.cross_entropy)
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
@@ -76,18 +78,17 @@ def activity_terms(model, x, y, local: bool):
     b = x.shape[0]
     cur = model.patchify(x)
     ys, scales, outs = [], [], []
-    for layer in model.blocks[0].layers:
-        a = layer_norm(cur, layer.norm_groups)
-        z = layer.linear(a)
-        d = z.shape[-1] // layer.norm_groups
-        zg = z.reshape(b, layer.norm_groups, d)
-        rstd2 = 1.0 / (zg.var(-1, unbiased=False) + 1e-5)  # (B, G_norm)
-        yv = layer_norm(z, layer.norm_groups)
+    for layer in model.blocks[0].layers:  # block 0 has no residual: h = relu(layer(h))
+        yv = layer(cur)  # the library's layer: LN_out(linear(LN_in(cur))), (B, 1, C)
+        with torch.no_grad():
+            a = layer_norm(cur, layer.norm_groups)  # the linear map's input
+            _, _, rstd = ln_stats(layer.linear(a), layer.norm_groups)  # (B, 1, G_norm, 1)
+        rstd2 = rstd.reshape(b, layer.norm_groups).square()  # (B, G_norm)
         cur = torch.relu(yv)
         ys.append(yv)
         # a grouped layer's group-g weights only see the group-g slice of its input
-        x2 = a.detach().reshape(b, layer.norm_groups, -1).pow(2).sum(-1)  # (B, G_norm)
-        scales.append((x2 * rstd2.detach()).expand(b, g))
+        x2 = a.reshape(b, layer.norm_groups, -1).pow(2).sum(-1)  # (B, G_norm)
+        scales.append((x2 * rstd2).expand(b, g))
         outs.append(cur)
     if local:
         loss = F.cross_entropy(model.heads[0](model.block_features(cur)), y)
@@ -111,18 +112,19 @@ def group_norms(grads: dict[str, torch.Tensor], g: int) -> dict[str, torch.Tenso
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def arguments(name: str, ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256, 512, 1024, 2048])
     ap.add_argument("--draws", type=int, default=16)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--warm-steps", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    data = load("mnist")
+    add_threads(ap)
+    add_data_dir(ap)
+
+
+def run(name: str, args: argparse.Namespace, res: Results) -> None:
+    set_threads(args.threads)
+    data = load("mnist", args.data_dir)
     x, y = data.train_x[: args.batch], data.train_y[: args.batch]
-    OUT.mkdir(parents=True, exist_ok=True)
     rows = []
     for width in args.widths:
         model = warm_model(width, data, args.warm_steps, seed=0)
@@ -165,21 +167,10 @@ def main() -> None:
                 rows.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in row.items()), flush=True)
-    path = OUT / "quality.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    lines = [HEADER.format(draws=args.draws, batch=args.batch, warm=args.warm_steps), "",
-             "| C | G | method | layer | cos (measured) | cos (Table 1) | ν measured | "
-             "ν Table 1 | ratio |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['width']} | {r['groups']} | {r['method'].upper()} | {r['layer']} | "
-                     f"{r['cos_mean']:.3f} | {r['cos_pred']:.3f} | {r['nu']:.3g} | "
-                     f"{r['nu_pred']:.3g} | {r['ratio']:.2f} |")
-    (OUT / "quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main()
+    table = [[r["width"], r["groups"], r["method"].upper(), r["layer"], f"{r['cos_mean']:.3f}",
+              f"{r['cos_pred']:.3f}", f"{r['nu']:.3g}", f"{r['nu_pred']:.3g}",
+              f"{r['ratio']:.2f}"] for r in rows]
+    text = (HEADER.format(draws=args.draws, batch=args.batch, warm=args.warm_steps) + "\n\n"
+            + md_table(["C", "G", "method", "layer", "cos (measured)", "cos (Table 1)",
+                        "ν measured", "ν Table 1", "ratio"], table))
+    res.write("quality", rows, title=TITLE, text=text)

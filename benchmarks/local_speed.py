@@ -17,7 +17,7 @@ LocalMixer M/8/16, one CIFAR-10 batch of 128, as ratios measured in one run.
   so freed tensors leave the resident set: the peak of live memory) and with its default
   heap (which keeps freed blocks: fragmentation included).
 
-    nice -n 10 .venv/bin/python benchmarks/local_speed.py --rounds 10 --threads 1
+    python -m benchmarks local-speed --rounds 10 --threads 1
 """
 
 from __future__ import annotations
@@ -29,15 +29,17 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from forwardonly.estimators.base import make_estimator
-from forwardonly.models.local_mixer import local_mixer
-from local_common import OUT, load
+from benchmarks.common import add_data_dir, add_threads
+from benchmarks.local_common import load
+from benchmarks.report import REPO, Results, md_table
+from forwardonly import build_model, make_estimator
 
 CONFIGS = {  # label -> (method, options)
     "bp": ("bp", {}),
@@ -60,18 +62,17 @@ TIMING_ALLOCATORS = {"default": {}, "kept": {"MALLOC_MMAP_THRESHOLD_": str(1 << 
                                              "MALLOC_TOP_PAD_": str(1 << 28)}}
 
 
-def batch_file(preset: str, batch: int) -> Path:
-    path = OUT / f"speed_batch_{batch}.pt"
-    if not path.exists():
-        data = load("cifar10")
-        OUT.mkdir(parents=True, exist_ok=True)
-        torch.save({"x": data.train_x[:batch].clone(), "y": data.train_y[:batch].clone()}, path)
+def batch_file(folder: Path, batch: int, data_dir: str | None) -> Path:
+    """The first ``batch`` CIFAR-10 training images, saved for the child processes."""
+    data = load("cifar10", data_dir)
+    path = folder / f"batch_{batch}.pt"
+    torch.save({"x": data.train_x[:batch].clone(), "y": data.train_y[:batch].clone()}, path)
     return path
 
 
 def build(preset: str, label: str, x: torch.Tensor):
     method, options = CONFIGS[label]
-    model = local_mixer(tuple(x.shape[1:]), 10, preset, seed=0)
+    model = build_model("local-mixer", tuple(x.shape[1:]), 10, preset=preset, seed=0)
     return model, make_estimator(method, model, F.cross_entropy, **options)
 
 
@@ -125,44 +126,40 @@ def timing_child(preset: str, labels: list[str], path: str, rounds: int, threads
 
 
 def child(args: argparse.Namespace, env: dict[str, str], *extra: str) -> dict:
-    """Run this script with ``extra`` arguments in a fresh process; its last JSON line."""
-    out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--threads",
-                          str(args.threads), "--mem-steps", str(args.mem_steps), "--rounds",
-                          str(args.rounds), *extra],
-                         capture_output=True, text=True, check=True, env={**os.environ, **env})
+    """Run a measurement in a fresh process (``python -m benchmarks.local_speed``); its
+    last JSON line."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.local_speed", "--preset",
+                          args.preset, "--threads", str(args.threads), "--mem-steps",
+                          str(args.mem_steps), "--rounds", str(args.rounds), *extra],
+                         cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def arguments(name: str, ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", default="M/8/16")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--mem-steps", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--labels", nargs="+", default=list(CONFIGS))
-    ap.add_argument("--child", nargs=2, metavar=("LABEL", "BATCH_FILE"), help=argparse.SUPPRESS)
-    ap.add_argument("--timing-child", metavar="BATCH_FILE", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        memory_child(args.preset, args.child[0], args.child[1], args.mem_steps, args.threads)
-        return
-    if args.timing_child:
-        timing_child(args.preset, args.labels, args.timing_child, args.rounds, args.threads)
-        return
-    if "bp" not in args.labels:
-        ap.error("--labels must include bp: every ratio is to BP")
-    path = str(batch_file(args.preset, args.batch))
+    add_threads(ap)
+    ap.add_argument("--labels", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    add_data_dir(ap)
 
-    memory: dict[str, dict[str, float]] = {}
-    for label in args.labels:
-        memory[label] = {name: child(args, env, "--child", label, path)["work_mib"]
-                         for name, env in ALLOCATORS.items()}
-        print(f"memory {label}: {memory[label]} MiB", flush=True)
-    step: dict[str, dict[str, float]] = {}
-    for name, env in TIMING_ALLOCATORS.items():
-        step[name] = child(args, env, "--timing-child", path, "--labels", *args.labels)
-        print(f"step time, {name} allocator: {step[name]}", flush=True)
+
+def run(name: str, args: argparse.Namespace, res: Results) -> None:
+    if "bp" not in args.labels:
+        raise SystemExit("--labels must include bp: every ratio is to BP")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(batch_file(Path(tmp), args.batch, args.data_dir))
+        memory: dict[str, dict[str, float]] = {}
+        for label in args.labels:
+            memory[label] = {alloc: child(args, env, "--child", label, path)["work_mib"]
+                             for alloc, env in ALLOCATORS.items()}
+            print(f"memory {label}: {memory[label]} MiB", flush=True)
+        step: dict[str, dict[str, float]] = {}
+        for alloc, env in TIMING_ALLOCATORS.items():
+            step[alloc] = child(args, env, "--timing-child", path, "--labels", *args.labels)
+            print(f"step time, {alloc} allocator: {step[alloc]}", flush=True)
 
     rows = []
     for label in args.labels:
@@ -177,27 +174,41 @@ def main() -> None:
                      "mem_vs_bp_default_malloc": memory[label]["default"]
                      / memory["bp"]["default"],
                      "rounds": args.rounds})
-    tag = f"{args.preset.replace('/', '-')}_b{args.batch}_t{args.threads}"
-    with (OUT / f"speed_{tag}.json").open("w") as fh:
-        json.dump(rows, fh, indent=1)
-    lines = [f"LocalMixer {args.preset}, batch {args.batch}, {args.threads} CPU thread(s), "
-             f"median of {args.rounds} interleaved rounds, with glibc's default allocator and "
-             f"with the heap kept (no page faults after the first step); memory = peak RSS "
-             f"growth over {args.mem_steps} steps in a fresh process. "
-             f"Command: `python benchmarks/local_speed.py --rounds {args.rounds} "
-             f"--threads {args.threads}`.", "",
-             "| method | step (s) | step / BP | step, heap kept (s) | / BP | memory (MiB) | "
-             "memory / BP | memory, default malloc (MiB) | / BP |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method'].upper()} | {r['step_s']:.3f} | {r['step_vs_bp']:.2f} | "
-                     f"{r['step_s_heap_kept']:.3f} | {r['step_vs_bp_heap_kept']:.2f} | "
-                     f"{r['work_mib']:.0f} | {r['mem_vs_bp']:.2f} | "
-                     f"{r['work_mib_default_malloc']:.0f} | "
-                     f"{r['mem_vs_bp_default_malloc']:.2f} |")
-    (OUT / f"speed_{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = (f"LocalMixer {args.preset}, one CIFAR-10 batch of {args.batch}, {args.threads} "
+            f"CPU thread(s), median of {args.rounds} interleaved rounds, with glibc's default "
+            "allocator and with the heap kept (no page faults after the first step); memory = "
+            f"peak RSS growth over {args.mem_steps} steps in a fresh process, with malloc "
+            "serving large blocks by mmap and with glibc's default.\n\n" + md_table(
+                ["method", "step (s)", "step / BP", "step, heap kept (s)", "/ BP",
+                 "memory (MiB)", "memory / BP", "memory, default malloc (MiB)", "/ BP"],
+                [[r["method"].upper(), f"{r['step_s']:.3f}", f"{r['step_vs_bp']:.2f}",
+                  f"{r['step_s_heap_kept']:.3f}", f"{r['step_vs_bp_heap_kept']:.2f}",
+                  f"{r['work_mib']:.0f}", f"{r['mem_vs_bp']:.2f}",
+                  f"{r['work_mib_default_malloc']:.0f}", f"{r['mem_vs_bp_default_malloc']:.2f}"]
+                 for r in rows]))
+    stem = f"{args.preset.replace('/', '-')}_b{args.batch}_t{args.threads}"
+    res.write(stem, rows, title=f"LocalMixer {args.preset} step time and peak memory: LG-FG-A "
+              "against BP and L-BP", text=text)
+
+
+def child_main() -> None:
+    """A fresh process of one measurement (started by :func:`child`)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--rounds", type=int, required=True)
+    ap.add_argument("--mem-steps", type=int, required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--labels", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--child", nargs=2, metavar=("LABEL", "BATCH_FILE"))
+    ap.add_argument("--timing-child", metavar="BATCH_FILE")
+    a = ap.parse_args()
+    if a.child:
+        memory_child(a.preset, a.child[0], a.child[1], a.mem_steps, a.threads)
+    elif a.timing_child:
+        timing_child(a.preset, a.labels, a.timing_child, a.rounds, a.threads)
+    else:
+        raise SystemExit("run the benchmarks with: python -m benchmarks local-speed")
 
 
 if __name__ == "__main__":
-    main()
+    child_main()

@@ -4,12 +4,13 @@ initialisation and only the heads trained ("heads-only").
 
 Recipe: batch 128, SGD momentum 0.9, 1 warmup epoch then cosine decay, weight decay 1e-4 on
 the weights, no augmentation; one direction per step for the forward-gradient methods (the
-paper's setting); learning rates from ``local_lr_sweep.py`` (``LRS`` below). Every epoch
-appends a row to ``benchmarks/out/local/table3_mnist.csv`` and writes a checkpoint, so a
-stopped run resumes (``--resume`` is implicit) and partial results are usable:
+paper's setting); learning rates from ``local-lr-sweep`` (``LRS`` below). Every run goes
+through the library's loop in its run directory (``benchmarks/results/local-table3/runs/``);
+every epoch appends a row to ``table3_mnist.csv``, so a stopped run resumes where it was and
+partial results are usable:
 
-    nohup nice -n 10 .venv/bin/python benchmarks/local_table3.py --epochs 50 &
-    .venv/bin/python benchmarks/local_table3.py --report   # markdown from the CSV so far
+    nohup nice -n 10 python -m benchmarks local-table3 --epochs 50 &
+    python -m benchmarks local-table3 --report   # markdown from the CSV so far
 """
 
 from __future__ import annotations
@@ -18,20 +19,21 @@ import argparse
 import csv
 from pathlib import Path
 
-import torch
-
-from local_common import OUT, PAPER, train_run
+from benchmarks.common import add_data_dir, add_threads, set_threads
+from benchmarks.local_common import PAPER, train_run
+from benchmarks.report import Results
 
 METHODS = ("lg-fg-a", "bp", "l-bp", "lg-bp", "fg-a", "lg-fg-w", "fg-w", "fg-w-mixer",
            "heads-only")
 LABELS = {"fg-w": "FG-W (generic: heads perturbed too)",
           "fg-w-mixer": "FG-W (paper's: heads exact)", "heads-only": "heads only (frozen)"}
-# peak learning rates chosen on 5-epoch runs of M/1/16 (local_lr_sweep.py), used for both sizes
+# peak learning rates chosen on 5-epoch runs of M/1/16 (local-lr-sweep), used for both sizes
 LRS = {"bp": 0.1, "l-bp": 0.1, "lg-bp": 0.1, "fg-w": 1e-4, "fg-a": 0.01, "lg-fg-w": 0.03,
        "lg-fg-a": 0.03, "fg-w-mixer": 0.03, "heads-only": 0.1}
 # where S/1/1's own 5-epoch sweep disagreed with M/1/16's (G = 1: 8x the noise per loss)
 LR_PRESET: dict[tuple[str, str], float] = {}
-CSV = OUT / "table3_mnist.csv"
+STEM = "table3_mnist"
+TITLE = "Table 3 of Ren et al. (2023), MNIST columns"
 
 
 def report(csv_path: Path, epochs: int) -> str:
@@ -72,28 +74,27 @@ def report(csv_path: Path, epochs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def arguments(name: str, ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--presets", nargs="+", default=["M/1/16", "S/1/1"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--epochs", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", action="store_true", help="only write the markdown table")
-    args = ap.parse_args()
+    add_threads(ap)
+    add_data_dir(ap)
+
+
+def run(name: str, args: argparse.Namespace, res: Results) -> None:
+    csv_path = res.path(f"{STEM}.csv")
     if not args.report:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         for method in args.methods:
             for preset in args.presets:
                 tag = f"{preset.replace('/', '-')}_{method}_e{args.epochs}_s{args.seed}"
-                train_run(preset=preset, method=method, dataset="mnist", epochs=args.epochs,
+                train_run(preset=preset, method=method, dataset="mnist",
+                          data_dir=args.data_dir, epochs=args.epochs,
                           lr=LR_PRESET.get((preset, method), LRS[method]), warmup_epochs=1,
-                          seed=args.seed, csv_path=CSV, run_dir=OUT / "ckpt" / tag)
-                (OUT / "table3_mnist.md").write_text(report(CSV, args.epochs))
-    text = report(CSV, args.epochs)
-    (OUT / "table3_mnist.md").write_text(text)
-    print(text)
-
-
-if __name__ == "__main__":
-    main()
+                          seed=args.seed, csv_path=csv_path, run_dir=res.run_dir(tag))
+                res.write(STEM, [], title=TITLE, text=report(csv_path, args.epochs),
+                          csv_rows=False)
+    res.write(STEM, [], title=TITLE, text=report(csv_path, args.epochs), csv_rows=False)

@@ -1,13 +1,13 @@
 """Distributed benchmarks: bytes per step, step time with 1/2/4 processes, stage timelines.
 
-    python benchmarks/distributed_bench.py data      [--processes 1 2 4] [--steps 20]
-    python benchmarks/distributed_bench.py stages    [--stages 4] [--steps 12]
-    python benchmarks/distributed_bench.py all
+    python -m benchmarks distributed --sections data      [--processes 1 2 4] [--steps 20]
+    python -m benchmarks distributed --sections stages    [--stages 4] [--steps 12]
+    python -m benchmarks distributed                      # both
 
 Every measurement is a real ``torchrun --standalone`` group on this machine (gloo, one thread
 per process) running the package's own workers on MNIST batches, with the MLP of the core
 benchmarks (784-1024-1024-10, P = 1,863,690) for ``data`` and a deeper one (784-1024×4-10) cut
-into pipeline stages for ``stages``. Results go to benchmarks/out/distributed/:
+into pipeline stages for ``stages``. Results go to benchmarks/results/distributed/:
 
 - ``data.csv`` / ``data.md``: seed-synchronized fg-w and zo vs DDP backprop, per process count:
   payload bytes each rank hands to collectives per step (counted at the calls, and in DDP's
@@ -35,9 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "out" / "distributed"
-DATA_DIR = HERE.parent.parent / "shared" / "data" / "mnist"
+from benchmarks.common import add_data_dir
+from benchmarks.report import REPO, Results, md_table
 
 DATA_METHODS = [  # label, method, options
     ("bp (DDP)", "bp", {}),
@@ -100,18 +99,19 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(processes: int, mode: str, method: str, options: dict[str, Any],
-           widths: list[int], batch: int, steps: int, warmup: int, data_dir: str
+           widths: list[int], batch: int, steps: int, warmup: int, data_dir: str | None
            ) -> list[dict[str, Any]]:
     """Run one torchrun group; every rank's result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "r")
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
-               "--nproc-per-node", str(processes), __file__, "worker", "--mode", mode,
-               "--method", method, "--options", json.dumps(options), "--widths",
-               *map(str, widths), "--batch", str(batch), "--steps", str(steps), "--warmup",
-               str(warmup), "--data-dir", data_dir, "--json", out]
+               "--nproc-per-node", str(processes), "-m", "benchmarks.distributed", "worker",
+               "--mode", mode, "--method", method, "--options", json.dumps(options),
+               "--widths", *map(str, widths), "--batch", str(batch), "--steps", str(steps),
+               "--warmup", str(warmup), "--json", out,
+               *(["--data-dir", data_dir] if data_dir else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
         return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(processes)]
 
 
@@ -127,7 +127,7 @@ def wire_bytes(op: str, payload: int, world: int) -> float:
     return float(payload)
 
 
-def data_section(a: argparse.Namespace) -> None:
+def data_section(a: argparse.Namespace, res: Results) -> None:
     rows = []
     for processes in a.processes:
         for label, method, options in DATA_METHODS:
@@ -145,31 +145,25 @@ def data_section(a: argparse.Namespace) -> None:
                          "wire_bytes_per_rank_ring": round(wire),
                          "collectives": ops or "none"})
             print(rows[-1], flush=True)
-    write_csv(OUT / "data.csv", rows)
     p = rows[0]["params"]
-    md = ["### Distributed data parallel: bytes per step and step time "
-          f"(MLP 784-1024-1024-10, P = {p:,}; global batch {a.batch}; gloo on one machine)\n",
-          f"Payload = bytes each rank hands to collectives per step, counted at the calls (DDP: "
-          f"in its communication hook); 4·P = {4 * p:,}. Wire = what a ring algorithm sends "
-          f"per rank for that payload. Step time: median of {a.steps} steps on rank 0 (one "
-          f"thread per process).\n",
-          "| method | processes | step (ms) | payload / rank / step (B) | wire / rank / step, "
-          "ring (B) | collectives per step |",
-          "|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['method']} | {r['processes']} | {r['step_ms']:.1f} | "
-                  f"{r['payload_bytes_per_rank']:,} | {r['wire_bytes_per_rank_ring']:,} | "
-                  f"{r['collectives']} |")
-    cores = os.cpu_count()
-    md.append(f"\nThis machine has {cores} CPU cores shared with other work: with more "
-              f"processes than free cores the step time cannot fall; the byte counts do not "
-              f"depend on the machine.\n")
-    (OUT / "data.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    text = (f"Payload = bytes each rank hands to collectives per step, counted at the calls "
+            f"(DDP: in its communication hook); 4·P = {4 * p:,}. Wire = what a ring algorithm "
+            f"sends per rank for that payload. Step time: median of {a.steps} steps on rank 0 "
+            f"(one thread per process). This machine has {os.cpu_count()} CPU cores: with "
+            "more processes than free cores the step time cannot fall; the byte counts do not "
+            "depend on the machine.\n\n" + md_table(
+                ["method", "processes", "step (ms)", "payload / rank / step (B)",
+                 "wire / rank / step, ring (B)", "collectives per step"],
+                [[r["method"], r["processes"], f"{r['step_ms']:.1f}",
+                  f"{r['payload_bytes_per_rank']:,}", f"{r['wire_bytes_per_rank_ring']:,}",
+                  r["collectives"]] for r in rows]))
+    res.write("data", rows, title="Distributed data parallel: bytes per step and step time "
+              f"(MLP 784-1024-1024-10, P = {p:,}; global batch {a.batch}; gloo on one machine)",
+              text=text)
 
 
 # -- stages: the measured timeline --------------------------------------------------------------
-def stages_section(a: argparse.Namespace) -> None:
+def stages_section(a: argparse.Namespace, res: Results) -> None:
     widths = [1024] * 4
     rows, summary, describe = [], [], []
     for label, method, options in STAGE_METHODS:
@@ -199,29 +193,23 @@ def stages_section(a: argparse.Namespace) -> None:
                         "bytes_sent_stage0": ranks[0]["traffic"][-1].get("send", {})
                         .get("sent", 0)})
         print(summary[-1], flush=True)
-    write_csv(OUT / "timeline.csv", rows)
-    md = [f"### Stage-sharded step, measured: forward gradient vs backprop through the same "
-          f"{a.stages} stages (MLP 784-1024×4-10, batch {a.batch}, gloo, one process per "
-          f"stage)\n",
-          "Stages: " + "; ".join(describe) + ".\n",
-          f"The median step (of {a.steps}) by makespan; times from the step's start. Busy = "
-          f"computing or sending (not waiting). Updates start when a stage knows its gradient "
-          f"estimate: all at once after the broadcast of d for forward gradient, stage by stage "
-          f"as the backward pass arrives for backprop.\n",
-          "| method | step makespan (ms) | first update starts (ms) | last update starts (ms) "
-          "| busy per stage (ms) | stage 0 sends / step (B) |",
-          "|---|---|---|---|---|---|"]
-    for s in summary:
-        md.append(f"| {s['method']} | {s['makespan_ms']:.1f} | {s['first_update_ms']:.1f} | "
-                  f"{s['last_update_ms']:.1f} | {' / '.join(f'{b:.1f}' for b in s['busy_ms'])} | "
-                  f"{s['bytes_sent_stage0']:,} |")
-    md.append("\n![stage timeline](benchmarks/out/distributed/timeline.png)\n")
-    (OUT / "timeline.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    plot_timeline(rows, a.stages)
+    text = ("Stages: " + "; ".join(describe) + f".\n\nThe median step (of {a.steps}) by "
+            "makespan; times from the step's start. Busy = computing or sending (not waiting). "
+            "Updates start when a stage knows its gradient estimate: all at once after the "
+            "broadcast of d for forward gradient, stage by stage as the backward pass arrives "
+            "for backprop.\n\n" + md_table(
+                ["method", "step makespan (ms)", "first update starts (ms)",
+                 "last update starts (ms)", "busy per stage (ms)", "stage 0 sends / step (B)"],
+                [[s["method"], f"{s['makespan_ms']:.1f}", f"{s['first_update_ms']:.1f}",
+                  f"{s['last_update_ms']:.1f}", " / ".join(f"{b:.1f}" for b in s["busy_ms"]),
+                  f"{s['bytes_sent_stage0']:,}"] for s in summary]))
+    plot_timeline(rows, a.stages, res.png("timeline"))
+    res.write("timeline", rows, title="Stage-sharded step, measured: forward gradient vs "
+              f"backprop through the same {a.stages} stages (MLP 784-1024×4-10, batch {a.batch}, "
+              "gloo, one process per stage)", text=text)
 
 
-def plot_timeline(rows: list[dict[str, Any]], stages: int) -> None:
+def plot_timeline(rows: list[dict[str, Any]], stages: int, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,50 +237,43 @@ def plot_timeline(rows: list[dict[str, Any]], stages: int) -> None:
         ax.legend(unique.values(), unique.keys(), fontsize=7, ncol=4, loc="lower right")
     axes[-1, 0].set_xlabel("ms since the step started (measured, one process per stage)")
     fig.tight_layout()
-    fig.savefig(OUT / "timeline.png", dpi=110)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(rows[0])
-    lines = [",".join(keys)] + [",".join(str(r[k]).replace(",", ";") for k in keys)
-                                for r in rows]
-    path.write_text("\n".join(lines) + "\n")
+def arguments(name: str, p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sections", nargs="+", choices=("data", "stages"),
+                   default=["data", "stages"])
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    add_data_dir(p)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="section", required=True)
-    for name in ("data", "stages", "all"):
-        p = sub.add_parser(name)
-        p.add_argument("--data-dir", default=str(DATA_DIR))
-        p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
-        p.add_argument("--stages", type=int, default=4)
-        p.add_argument("--batch", type=int, default=256)
-        p.add_argument("--steps", type=int, default=20)
-        p.add_argument("--warmup", type=int, default=3)
-    w = sub.add_parser("worker", help="one rank (started by torchrun)")
-    w.add_argument("--mode", choices=("data", "stages"), required=True)
-    w.add_argument("--method", required=True)
-    w.add_argument("--options", default="{}")
-    w.add_argument("--widths", type=int, nargs="+", required=True)
-    w.add_argument("--batch", type=int, required=True)
-    w.add_argument("--steps", type=int, required=True)
-    w.add_argument("--warmup", type=int, required=True)
-    w.add_argument("--data-dir", required=True)
-    w.add_argument("--json", required=True)
-    a = parser.parse_args()
-    if a.section == "worker":
-        worker(a)
-        return
-    OUT.mkdir(parents=True, exist_ok=True)
-    if a.section in ("data", "all"):
-        data_section(a)
-    if a.section in ("stages", "all"):
-        stages_section(a)
+def run(name: str, args: argparse.Namespace, res: Results) -> None:
+    if "data" in args.sections:
+        data_section(args, res)
+    if "stages" in args.sections:
+        stages_section(args, res)
+
+
+def worker_main() -> None:
+    """One rank, started by torchrun (``python -m benchmarks.distributed worker ...``)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("section", choices=("worker",))
+    p.add_argument("--mode", choices=("data", "stages"), required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--options", default="{}")
+    p.add_argument("--widths", type=int, nargs="+", required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", required=True)
+    worker(p.parse_args())
 
 
 if __name__ == "__main__":
-    main()
+    worker_main()

@@ -1,0 +1,69 @@
+"""The benchmarks package: one benchmark at the smallest sizes, its results and machine record."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `benchmarks` is a package at the repository root, not installed
+    sys.path.insert(0, str(REPO))
+
+
+def test_help_lists_every_benchmark() -> None:
+    from benchmarks import BENCHMARKS
+    from benchmarks.__main__ import usage
+
+    text = usage()
+    for name in BENCHMARKS:
+        assert name in text
+
+
+def test_step_time_writes_csv_markdown_and_machine_record(tmp_path: Path) -> None:
+    from benchmarks.__main__ import main
+
+    main(["core-step-time", "--out", str(tmp_path), "--rounds", "2", "--steps", "1",
+          "--batches", "4", "--threads", "1", "--widths", "8",
+          "--methods", "bp", "fg-w K=1", "plain jvp K=1"])
+    folder = tmp_path / "core-step-time"
+    with (folder / "step_time.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows] == ["bp", "fg-w K=1", "plain jvp K=1"]
+    columns = {"threads", "batch", "median_ms", "ratio_to_bp", "ratio_min", "ratio_max"}
+    assert columns <= set(rows[0])
+    assert float(rows[0]["ratio_to_bp"]) == 1.0
+    record = json.loads((folder / "step_time.json").read_text())
+    for key in ("cpu", "cpu_capability", "torch_threads", "load_average", "malloc", "torch",
+                "forwardonly", "python", "date", "command"):
+        assert key in record
+    assert record["command"].startswith("python -m benchmarks core-step-time")
+    md = (folder / "step_time.md").read_text()
+    assert md.startswith("### ") and record["cpu_capability"] in md
+
+
+def test_report_collects_into_the_given_root(tmp_path: Path) -> None:
+    from benchmarks.__main__ import main
+
+    main(["core-step-time", "--out", str(tmp_path), "--rounds", "1", "--steps", "1",
+          "--batches", "4", "--threads", "1", "--widths", "8", "--methods", "bp"])
+    main(["report", "--out", str(tmp_path)])
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "### Step time" in text and "step_time.csv" in text
+
+
+def test_unknown_benchmark_is_refused() -> None:
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
+        main(["nope"])
+
+
+def test_python_m_benchmarks_help_runs() -> None:
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    assert "core-step-time" in out.stdout and "report" in out.stdout
