@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from forwardonly.train import train as fit  # the library's one loop (to be renamed `fit`)
+from forwardonly.train import fit  # the library's one loop
 
 __all__ = ["add_data_dir", "add_threads", "fit", "set_threads"]
 
