@@ -10,25 +10,31 @@ Estimators fill ``param.grad`` so any ``torch.optim`` optimizer works::
 __version__ = "0.1.0"
 
 from . import (
-    ff,  # noqa: E402  (registers "ff" and "ff-mlp")
+    ff,  # noqa: E402  (registers the model "ff-mlp")
     models,  # noqa: E402
 )
+from .autodiff import DirectionSampler, ForwardModeError, directional_derivatives  # noqa: E402
 from .config import ConfigError, TrainConfig  # noqa: E402
 from .data import DataError, Dataset, load_dataset  # noqa: E402
 from .estimators import (  # noqa: E402
     ESTIMATORS,
+    ActivityPerturbation,
     Backprop,
     Estimator,
+    ForwardForward,
     ForwardGradient,
     ForwardGradientSign,
+    LocalActivityPerturbation,
+    LocalBackprop,
+    LocalGroupBackprop,
+    LocalLosses,
+    LocalWeightPerturbation,
+    MixerWeightPerturbation,
     ZerothOrder,
     ZerothOrderSign,
     make_estimator,
 )
-from .estimators import activity as _activity  # noqa: E402,F401  (fg-a, lg-fg-a)
-from .estimators import local_bp as _local_bp  # noqa: E402,F401  (l-bp, lg-bp)
-from .estimators import local_fg as _local_fg  # noqa: E402,F401  (lg-fg-w)
-from .forward_mode import ForwardModeError, directional_derivatives  # noqa: E402
+from .ff import FFNet  # noqa: E402
 from .models import build_model  # noqa: E402
 from .models import cnn as _cnn  # noqa: E402,F401  (registers "cnn")
 from .models import local_mixer as _local_mixer  # noqa: E402,F401  (registers "local-mixer")
@@ -36,8 +42,11 @@ from .models import mlp as _mlp  # noqa: E402,F401  (registers "mlp")
 from .train import RunResult, TrainingDiverged, train  # noqa: E402
 
 __all__ = [
-    "ESTIMATORS", "Backprop", "ConfigError", "DataError", "Dataset", "Estimator",
-    "ForwardGradient", "ForwardGradientSign", "ForwardModeError", "RunResult", "TrainConfig",
-    "TrainingDiverged", "ZerothOrder", "ZerothOrderSign", "build_model",
-    "directional_derivatives", "ff", "load_dataset", "make_estimator", "models", "train",
+    "ESTIMATORS", "ActivityPerturbation", "Backprop", "ConfigError", "DataError", "Dataset",
+    "DirectionSampler", "Estimator", "FFNet", "ForwardForward", "ForwardGradient",
+    "ForwardGradientSign", "ForwardModeError", "LocalActivityPerturbation", "LocalBackprop",
+    "LocalGroupBackprop", "LocalLosses", "LocalWeightPerturbation", "MixerWeightPerturbation",
+    "RunResult", "TrainConfig", "TrainingDiverged", "ZerothOrder", "ZerothOrderSign",
+    "build_model", "directional_derivatives", "ff", "load_dataset", "make_estimator",
+    "models", "train",
 ]

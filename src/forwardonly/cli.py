@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .autodiff import ForwardModeError
 from .config import ConfigError, TrainConfig, field_type, fields, from_dict, load_file
 from .data import DataError
 from .distributed.watchdog import RankFailure
-from .forward_mode import ForwardModeError
 from .train import TrainingDiverged
 from .train.checkpoint import CheckpointError
 
