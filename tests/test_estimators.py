@@ -10,8 +10,7 @@ from torch import nn
 
 import forwardonly
 from forwardonly import make_estimator
-from forwardonly.directions import DirectionSampler
-from forwardonly.forward_mode import directional_derivatives
+from forwardonly.autodiff import DirectionSampler, directional_derivatives
 
 
 def tiny_problem(dtype=torch.float64):

@@ -212,7 +212,7 @@ def test_build_stages_splits_all_layers() -> None:
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rank1"])
 def test_stage_jvp_equals_torch_func_jvp(distribution: str) -> None:
-    from forwardonly.directions import DirectionSampler, Rank1
+    from forwardonly.autodiff import DirectionSampler, Rank1
 
     torch.manual_seed(0)
     stage = lat.build_stages(3, 5, 2, in_features=4, classes=3, seed=1)[1]
@@ -239,7 +239,7 @@ def test_forward_gradient_step_applies_d_times_v() -> None:
     after = [p.detach() for st in stages for p in st.parameters()]
     delta = torch.cat([(a - b).reshape(-1) for a, b in zip(after, before, strict=True)])
     # Redraw the directions and the directional derivative at the old weights.
-    from forwardonly.directions import DirectionSampler
+    from forwardonly.autodiff import DirectionSampler
 
     sampler = DirectionSampler("gaussian", 9)
     v = torch.cat([sampler.dense(i, b, 1)[0].reshape(-1) for i, b in enumerate(before)])

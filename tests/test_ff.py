@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forwardonly.estimators.base import ESTIMATORS, make_estimator
+from forwardonly.estimators import ESTIMATORS, ForwardForward, make_estimator
 from forwardonly.ff import (
     FFLayer,
     FFNet,
-    ForwardForward,
     embed_labels,
     extract_labels,
     ff_loss,

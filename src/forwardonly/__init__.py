@@ -5,39 +5,52 @@ Estimators fill ``param.grad`` so any ``torch.optim`` optimizer works::
     est = forwardonly.ForwardGradient(model, loss_fn, directions=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     opt.zero_grad(); stats = est.step(x, y); opt.step()
+
+or, with a config, ``forwardonly.fit(forwardonly.TrainConfig(method="fg-w", ...))``.
+The public names below are imported on first use, so ``import forwardonly`` (and the command
+line's ``--help``) stays quick; the registries are complete once any of them is used.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from . import (
-    ff,  # noqa: E402  (registers "ff" and "ff-mlp")
-    models,  # noqa: E402
-)
-from .config import ConfigError, TrainConfig  # noqa: E402
-from .data import DataError, Dataset, load_dataset  # noqa: E402
-from .estimators import (  # noqa: E402
-    ESTIMATORS,
-    Backprop,
-    Estimator,
-    ForwardGradient,
-    ForwardGradientSign,
-    ZerothOrder,
-    ZerothOrderSign,
-    make_estimator,
-)
-from .estimators import activity as _activity  # noqa: E402,F401  (fg-a, lg-fg-a)
-from .estimators import local_bp as _local_bp  # noqa: E402,F401  (l-bp, lg-bp)
-from .estimators import local_fg as _local_fg  # noqa: E402,F401  (lg-fg-w)
-from .forward_mode import ForwardModeError, directional_derivatives  # noqa: E402
-from .models import build_model  # noqa: E402
-from .models import cnn as _cnn  # noqa: E402,F401  (registers "cnn")
-from .models import local_mixer as _local_mixer  # noqa: E402,F401  (registers "local-mixer")
-from .models import mlp as _mlp  # noqa: E402,F401  (registers "mlp")
-from .train import RunResult, TrainingDiverged, fit  # noqa: E402
+# public name -> the module that defines it
+_PUBLIC = {
+    **dict.fromkeys(("DirectionSampler", "ForwardModeError", "directional_derivatives"),
+                    "forwardonly.autodiff"),
+    **dict.fromkeys(("ConfigError", "TrainConfig"), "forwardonly.config"),
+    **dict.fromkeys(("DataError", "Dataset", "load_dataset"), "forwardonly.data"),
+    **dict.fromkeys(("ESTIMATORS", "ActivityPerturbation", "Backprop", "Estimator",
+                     "ForwardForward", "ForwardGradient", "ForwardGradientSign",
+                     "LocalActivityPerturbation", "LocalBackprop", "LocalGroupBackprop",
+                     "LocalLosses", "LocalWeightPerturbation", "MixerWeightPerturbation",
+                     "ZerothOrder", "ZerothOrderSign", "make_estimator"),
+                    "forwardonly.estimators"),
+    "FFNet": "forwardonly.ff",
+    **dict.fromkeys(("MODELS", "build_model"), "forwardonly.models"),
+    **dict.fromkeys(("RunResult", "TrainingDiverged", "fit", "load_run"), "forwardonly.train"),
+    "train": "forwardonly.launch",
+}
+_SUBPACKAGES = ("autodiff", "data", "estimators", "experiments", "ff", "local", "models",
+                "train", "distributed")
 
-__all__ = [
-    "ESTIMATORS", "Backprop", "ConfigError", "DataError", "Dataset", "Estimator",
-    "ForwardGradient", "ForwardGradientSign", "ForwardModeError", "RunResult", "TrainConfig",
-    "TrainingDiverged", "ZerothOrder", "ZerothOrderSign", "build_model",
-    "directional_derivatives", "ff", "fit", "load_dataset", "make_estimator", "models",
-]
+__all__ = sorted([*_PUBLIC, "ff", "models"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        importlib.import_module("forwardonly.estimators")  # every method and model registered
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"forwardonly.{name}")
+    raise AttributeError(f"module 'forwardonly' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

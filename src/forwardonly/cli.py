@@ -41,7 +41,7 @@ COMMANDS = {
 }
 # Each kind of error a user can cause, printed as one message (no traceback).
 USER_ERRORS = ("forwardonly.config:ConfigError", "forwardonly.data:DataError",
-               "forwardonly.forward_mode:ForwardModeError",
+               "forwardonly.autodiff:ForwardModeError",
                "forwardonly.train:TrainingDiverged", "forwardonly.train:RunWriteError",
                "forwardonly.train:OutOfMemory", "forwardonly.train.checkpoint:CheckpointError")
 

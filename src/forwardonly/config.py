@@ -139,8 +139,8 @@ class TrainConfig:
                              "pause between collectives (rank 0 writing a checkpoint).")
 
     def validate(self) -> None:
+        from .autodiff import DISTRIBUTIONS
         from .data import DATASETS
-        from .directions import DISTRIBUTIONS
         from .estimators import ESTIMATORS
         from .models import MODELS
 

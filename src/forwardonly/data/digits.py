@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits as _sklearn_digits
 
 from forwardonly.data.idx import Splits
 
@@ -33,6 +32,8 @@ def held_out_mask(labels: np.ndarray, every: int = TEST_EVERY) -> np.ndarray:
 def load_digits() -> Splits:
     """The fixed split: ``train_x (1442, 1, 8, 8)`` float32 in [0, 1], ``train_y (1442,)`` int64,
     ``test_x (355, 1, 8, 8)``, ``test_y (355,)``."""
+    from sklearn.datasets import load_digits as _sklearn_digits  # imported when needed
+
     bunch = _sklearn_digits()
     x = (bunch.data.reshape(-1, 1, 8, 8) / MAX_VALUE).astype(np.float32)  # (N, 1, 8, 8)
     y = bunch.target.astype(np.int64)

@@ -35,11 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..autodiff import (
+    DirectionSampler,
+    Rank1,
+    loss_and_derivatives,
+    run_layers,
+    sequential_layers,
+)
 from ..config import ConfigError
-from ..directions import DirectionSampler, Rank1
 from ..estimators import Backprop, Estimator, ForwardGradient
 from ..estimators.base import set_grad
-from ..forward_mode import loss_and_derivatives, run_layers, sequential_layers
 from .runtime import Session
 
 STAGE_METHODS = ("fg-w", "fg-sign", "bp")

@@ -30,29 +30,34 @@ head's scores (as in the paper's code). ``fg-a`` also runs on plain ``nn.Sequent
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..local.base import LocalMixerEstimator, stats
-from ..local.heads import head_step
-from ..local.replicated import pool_vjp, pooled_features, replicated_jvp
-from ..local.sequential import sequential_step
-from ..local.tangents import (
+from ..autodiff import (
+    ACTIVITY_DISTRIBUTIONS,
+    DirectionSampler,
     LayerTrace,
-    activity_noise,
+    LossFn,
+    NoiseFn,
+    activity_forward,
     activity_weight_grads,
     block_forward,
+    check_distribution,
     ln_jvp,
     ln_stats,
+    sequential_layers,
 )
+from ..local.replicated import pool_vjp, pooled_features, replicated_jvp
 from ..models.local_mixer import LocalMixer
-from .base import LossFn, mix_seed, register
+from .base import register, set_grad
+from .local_losses import LocalLosses, stats
 
 
-class _ActivityBase(LocalMixerEstimator):
-    """Arguments: see :class:`LocalMixerEstimator`; ``directions``: K tangents per step
+class _ActivityBase(LocalLosses):
+    """Arguments: see :class:`LocalLosses`; ``directions``: K tangents per step
     (one batched pass); ``distribution``: of the tangents, ``"gaussian"`` (the paper's,
     default) or ``"rademacher"`` (±1: lower variance, and much cheaper to draw) — see
-    :func:`forwardonly.local.tangents.activity_noise`.
+    :meth:`forwardonly.autodiff.DirectionSampler.noise`.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
@@ -61,7 +66,7 @@ class _ActivityBase(LocalMixerEstimator):
         super().__init__(model, loss_fn, seed=seed, freeze_backbone=freeze_backbone)
         if int(directions) < 1:
             raise ValueError(f"directions must be a positive integer, got {directions}")
-        activity_noise(distribution, 1, int)  # validates the name
+        check_distribution(distribution, ACTIVITY_DISTRIBUTIONS)
         self.directions = int(directions)
         self.distribution = distribution
 
@@ -70,10 +75,11 @@ class _ActivityBase(LocalMixerEstimator):
         self.set_param_grad(trace.layer.weight, gw)
         self.set_param_grad(trace.layer.bias, gb.reshape(trace.layer.bias.shape))
 
-    def noise(self):  # noqa: ANN201 - a NoiseFn
-        step = self.step_seed()
-        return activity_noise(self.distribution, self.directions,
-                              lambda index: mix_seed(step, index))
+    def noise(self) -> NoiseFn:
+        """This step's activity tangents: layer ``i`` from ``mix_seed(step seed, i)``."""
+        sampler = DirectionSampler(self.distribution, self.step_seed(),
+                                   valid=ACTIVITY_DISTRIBUTIONS)
+        return sampler.noise(self.directions)
 
 
 @register("lg-fg-a")
@@ -93,7 +99,7 @@ class LocalActivityPerturbation(_ActivityBase):
             out, tout, traces = block_forward(block, h, None, first_index=index, noise=noise)
             index += len(block.layers)
             feats, mean, rstd = pooled_features(out, g)
-            loss, dfeats = head_step(model.heads[i], feats, targets, self.loss_fn)
+            loss, dfeats = self.head_step(model.heads[i], feats, targets)
             e = pool_vjp(out, mean, rstd, dfeats, g)
             assert tout is not None
             dl = replicated_jvp(e, tout, g).div_(k)  # (K, B, P, G)
@@ -117,7 +123,7 @@ class ActivityPerturbation(_ActivityBase):
 
     Works on a :class:`LocalMixer` and on plain ``nn.Sequential`` MLPs (the ``mlp`` model:
     tangents on every hidden pre-activation, the last Linear trained exactly; see
-    :mod:`forwardonly.local.sequential`).
+    :meth:`mlp_estimate`).
     """
 
     supports_sequential = True
@@ -125,10 +131,7 @@ class ActivityPerturbation(_ActivityBase):
     @torch.no_grad()
     def estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
         if not isinstance(self.model, LocalMixer):
-            loss, d = sequential_step(self.model, self.loss_fn, inputs, targets, self.noise(),
-                                      self.directions, freeze_backbone=self.freeze_backbone)
-            return {"loss": float(loss),
-                    "dir_deriv_rms": float(d.pow(2).mean().sqrt() * self.directions)}
+            return self.mlp_estimate(inputs, targets)
         if self.freeze_backbone:
             return self.heads_only(inputs, targets)
         model, k = self.mixer, self.directions
@@ -146,7 +149,7 @@ class ActivityPerturbation(_ActivityBase):
         # final features f = LN(mean_p h); ∂L/∂(mean_p h) = J_LN ∂L/∂f (per example)
         pooled = h.mean(dim=1)
         feats, mean, rstd = ln_stats(pooled, 1)
-        loss, dfeats = head_step(model.final_head, feats, targets, self.loss_fn)
+        loss, dfeats = self.head_step(model.final_head, feats, targets)
         dpooled = ln_jvp(pooled, mean, rstd, dfeats, 1)            # (B, C)
         d = (th.mean(dim=2) * dpooled).sum(-1).div_(k)             # (K, B)
         del th
@@ -156,3 +159,41 @@ class ActivityPerturbation(_ActivityBase):
             self.write_layer_grads(trace, coef)
             del trace
         return stats(loss, local, dir_deriv_rms=float(d.pow(2).mean().sqrt() * k))
+
+    def mlp_estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
+        """FG-A on an ``nn.Sequential`` MLP: tangents ``u`` on every hidden pre-activation
+        (:func:`forwardonly.autodiff.activity_forward`), the last Linear (the head) on its
+        exact gradient. With ``d[k, b]`` the per-example derivatives through the head,
+
+            g_z = (1/K) Σ_k d_k u_k [⊙ (z > 0) for ReLU],   g_W = g_zᵀ x,   g_b = Σ_b g_z.
+        """
+        k = self.directions
+        layers = [m for _, m in sequential_layers(self.model) or []]
+        head = layers[-1]
+        h, th, traces = activity_forward(layers[:-1], inputs, self.noise())
+        logits = F.linear(h, head.weight, head.bias)
+        with torch.enable_grad():
+            lg = logits.detach().requires_grad_()
+            loss = self.loss_fn(lg, targets)
+            (dlogits,) = torch.autograd.grad(loss, lg)  # (B, classes), the batch mean's
+        if head.weight.requires_grad:
+            set_grad(head.weight, dlogits.t() @ h)
+        if head.bias is not None and head.bias.requires_grad:
+            set_grad(head.bias, dlogits.sum(0))
+        if th is None:
+            d = torch.zeros(k, inputs.shape[0], dtype=logits.dtype, device=logits.device)
+        else:
+            d = (torch.matmul(th, head.weight.t()) * dlogits).sum(-1).div_(k)  # (K, B)
+        for t in traces:
+            w, b = t.linear.weight, t.linear.bias
+            if self.freeze_backbone:
+                gz = torch.zeros(t.x.shape[0], w.shape[0], dtype=w.dtype, device=w.device)
+            else:
+                gz = (t.u * d.unsqueeze(-1)).sum(0)
+                if t.mask is not None:
+                    gz = gz * t.mask
+            if w.requires_grad:
+                set_grad(w, gz.t() @ t.x)
+            if b is not None and b.requires_grad:
+                set_grad(b, gz.sum(0))
+        return {"loss": float(loss.detach()), "dir_deriv_rms": float(d.pow(2).mean().sqrt() * k)}

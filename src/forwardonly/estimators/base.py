@@ -24,9 +24,11 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..autodiff import LossFn
 from ..seeding import mix_seed
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+__all__ = ["ESTIMATORS", "Estimator", "LossFn", "make_estimator", "mix_seed", "register",
+           "set_grad"]
 
 ESTIMATORS: dict[str, type[Estimator]] = {}
 

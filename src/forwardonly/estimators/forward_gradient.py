@@ -23,9 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..directions import DirectionSampler, Rank1
-from ..forward_mode import directional_derivatives
-from .base import Estimator, LossFn, register, set_grad
+from ..autodiff import DirectionSampler, LossFn, Rank1, directional_derivatives
+from .base import Estimator, register, set_grad
 
 
 @register("fg-w")
@@ -36,7 +35,7 @@ class ForwardGradient(Estimator):
         model, loss_fn, seed: see :class:`Estimator`.
         directions: K, the number of directions averaged per step (one batched pass).
         distribution: ``"gaussian"`` (Baydin et al.), ``"rademacher"`` or ``"rank1"``
-            (see :mod:`forwardonly.directions`).
+            (see :mod:`forwardonly.autodiff.directions`).
     """
 
     #: Combines this process's ``(loss, d)`` with the other processes' before the estimate is

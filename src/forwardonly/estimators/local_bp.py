@@ -23,14 +23,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..local.base import LocalMixerEstimator, stats
-from ..local.heads import head_step
 from ..local.replicated import pool_vjp, pooled_features, replicate
 from .base import register
+from .local_losses import LocalLosses, stats
 
 
 @register("l-bp")
-class LocalBackprop(LocalMixerEstimator):
+class LocalBackprop(LocalLosses):
     """L-BP: one loss per block, backprop inside each block, stop-gradient between blocks."""
 
     def block_objective(self, i: int, out: Tensor, targets: Tensor
@@ -71,6 +70,6 @@ class LocalGroupBackprop(LocalBackprop):
             hd = out.detach()
             feats, mean, rstd = pooled_features(hd, g)
         # the head's exact gradient is written here; the replicated losses reach the block only
-        loss, dfeats = head_step(self.mixer.heads[i], feats, targets, self.loss_fn)
+        loss, dfeats = self.head_step(self.mixer.heads[i], feats, targets)
         e = pool_vjp(hd, mean, rstd, dfeats, g)
         return replicate(out, e, loss, g).sum(), loss, []

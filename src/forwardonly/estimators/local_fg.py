@@ -27,17 +27,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..local.base import LocalMixerEstimator, stats
-from ..local.heads import head_step
+from ..autodiff import DirectionSampler, LossFn, block_forward, ln_jvp, ln_stats
 from ..local.replicated import pool_vjp, pooled_features, replicated_jvp
-from ..local.tangents import block_forward, ln_jvp, ln_stats
 from ..models.local_mixer import MixerLayer
-from .base import LossFn, mix_seed, register
+from .base import register
+from .local_losses import LocalLosses, stats
 
 
 @register("lg-fg-w")
-class LocalWeightPerturbation(LocalMixerEstimator):
-    """LG-FG-W. Arguments: see :class:`LocalMixerEstimator`; ``directions``: K per step."""
+class LocalWeightPerturbation(LocalLosses):
+    """LG-FG-W. Arguments: see :class:`LocalLosses`; ``directions``: K per step."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
                  seed: int = 0, freeze_backbone: bool = False) -> None:
@@ -51,11 +50,11 @@ class LocalWeightPerturbation(LocalMixerEstimator):
         if self.freeze_backbone:
             return self.heads_only(inputs, targets)
         model, k, g = self.mixer, self.directions, self.mixer.groups
-        step = self.step_seed()
+        sampler = DirectionSampler("gaussian", self.step_seed())
         drawn: dict[int, tuple[Tensor, Tensor]] = {}
 
         def weight_tangent(index: int, layer: MixerLayer) -> tuple[Tensor, Tensor]:
-            drawn[index] = _draw(layer, k, mix_seed(step, index))
+            drawn[index] = _draw(sampler, index, layer, k)
             return drawn[index]
 
         h = model.patchify(inputs)
@@ -65,7 +64,7 @@ class LocalWeightPerturbation(LocalMixerEstimator):
             out, tout, _ = block_forward(block, h, None, first_index=index,
                                          weight_tangent=weight_tangent)
             feats, mean, rstd = pooled_features(out, g)
-            loss, dfeats = head_step(model.heads[i], feats, targets, self.loss_fn)
+            loss, dfeats = self.head_step(model.heads[i], feats, targets)
             e = pool_vjp(out, mean, rstd, dfeats, g)
             assert tout is not None
             c = replicated_jvp(e, tout, g).sum(dim=(1, 2)).div_(k)  # (K, G)
@@ -108,11 +107,11 @@ class MixerWeightPerturbation(LocalWeightPerturbation):
         if self.freeze_backbone:
             return self.heads_only(inputs, targets)
         model, k = self.mixer, self.directions
-        step = self.step_seed()
+        sampler = DirectionSampler("gaussian", self.step_seed())
         drawn: dict[int, tuple[MixerLayer, Tensor, Tensor]] = {}
 
         def weight_tangent(index: int, layer: MixerLayer) -> tuple[Tensor, Tensor]:
-            wd, bd = _draw(layer, k, mix_seed(step, index))
+            wd, bd = _draw(sampler, index, layer, k)
             drawn[index] = (layer, wd, bd)
             return wd, bd
 
@@ -127,7 +126,7 @@ class MixerWeightPerturbation(LocalWeightPerturbation):
         assert th is not None
         pooled = h.mean(dim=1)  # final features f = LN(mean_p h)
         feats, mean, rstd = ln_stats(pooled, 1)
-        loss, dfeats = head_step(model.final_head, feats, targets, self.loss_fn)
+        loss, dfeats = self.head_step(model.final_head, feats, targets)
         dpooled = ln_jvp(pooled, mean, rstd, dfeats, 1)  # (B, C)
         d = (th.mean(dim=2) * dpooled).sum(dim=(1, 2)).div_(k)  # (K,): shared by the batch
         del th
@@ -137,12 +136,9 @@ class MixerWeightPerturbation(LocalWeightPerturbation):
         return stats(loss, local, dir_deriv_rms=float(d.pow(2).mean().sqrt() * k))
 
 
-def _draw(layer: MixerLayer, k: int, seed: int) -> tuple[Tensor, Tensor]:
-    """K Gaussian tangents for the weight and the bias of ``layer``, from ``seed``."""
-    gen = torch.Generator(device=layer.weight.device)
-    gen.manual_seed(seed)
-    wd = torch.empty((k, *layer.weight.shape), dtype=layer.weight.dtype,
-                     device=layer.weight.device).normal_(generator=gen)
-    bd = torch.empty((k, *layer.bias.shape), dtype=layer.bias.dtype,
-                     device=layer.bias.device).normal_(generator=gen)
-    return wd, bd
+def _draw(sampler: DirectionSampler, index: int, layer: MixerLayer, k: int
+          ) -> tuple[Tensor, Tensor]:
+    """K tangents for the weight and the bias of layer ``index``, both from its generator."""
+    w, b = layer.weight, layer.bias
+    gen = sampler.generator(index, w.device)
+    return sampler.draw(gen, (k, *w.shape), w), sampler.draw(gen, (k, *b.shape), b)

@@ -22,8 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..directions import DirectionSampler
-from .base import Estimator, LossFn, mix_seed, register
+from ..autodiff import DirectionSampler, LossFn
+from ..seeding import mix_seed
+from .base import Estimator, register
 
 
 @register("zo")

@@ -58,9 +58,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from forwardonly.autodiff import LossFn
 from forwardonly.estimators import ESTIMATORS, Estimator, make_estimator
-from forwardonly.estimators.base import LossFn, mix_seed
 from forwardonly.experiments import torch_threads, write_csv
+from forwardonly.seeding import mix_seed
 
 # Which theory line applies to which estimator (see the module docstring).
 THEORY: dict[str, str] = {"fg-w": "gaussian", "zo": "gaussian", "fg-sign": "sign",

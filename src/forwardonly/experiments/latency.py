@@ -43,12 +43,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import jvp
 
-import forwardonly.estimators  # noqa: F401  (first: forwardonly.directions imports it)
-from forwardonly.directions import DirectionSampler, Rank1
-from forwardonly.estimators.base import mix_seed
+from forwardonly.autodiff import (
+    DirectionSampler,
+    Rank1,
+    loss_and_derivatives,
+    run_layers,
+    sequential_layers,
+)
 from forwardonly.experiments import torch_threads, write_csv
+from forwardonly.seeding import mix_seed
 
 LABEL = "single-process measurement composed into schedules"
 PHASE_COLORS = {"forward": "tab:blue", "backward": "tab:red", "update": "tab:green",
@@ -194,42 +198,27 @@ def stage_jvp(stage: nn.Sequential, h: Tensor, h_dot: Tensor | None, sampler: Di
               first_index: int) -> tuple[Tensor, Tensor | None, list[Tensor | Rank1]]:
     """Forward pass of one stage carrying the tangent of one weight direction.
 
-    The chain rule per layer (``nn.Linear`` and ``nn.ReLU``, the layers :func:`build_stages`
-    makes): ``y = x Wᵀ + b`` gives ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ`` — with a rank-one ``Ẇ = b aᵀ`` the
-    middle term is the outer product ``(x a) bᵀ`` instead of a matmul; ``ReLU`` gives
-    ``ẏ = ẋ ⊙ [x > 0]``. Parameter j of the stage takes direction ``first_index + j`` of
-    ``sampler``, so any stage can redraw its own directions from the step's seed.
+    The rules of :mod:`forwardonly.autodiff.rules`: ``y = x Wᵀ + b`` gives
+    ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ`` — with a rank-one ``Ẇ = b aᵀ`` the middle term is the outer
+    product ``(x a) bᵀ`` instead of a matmul; ``ReLU`` gives ``ẏ = ẋ ⊙ [x > 0]``. Parameter j
+    of the stage takes direction ``first_index + j`` of ``sampler``, so any stage can redraw
+    its own directions from the step's seed.
 
     Returns ``(h, h_dot, directions)``: output ``(B, q)``, its tangent ``(B, q)`` and the
-    directions of the stage's parameters (dense tensors or :class:`Rank1` factors).
+    directions of the stage's parameters (``(1, *shape)`` tensors or :class:`Rank1` factors).
     """
     dirs: list[Tensor | Rank1] = []
-    index = first_index
-    for layer in stage:
-        if isinstance(layer, nn.ReLU):
-            h_dot = None if h_dot is None else h_dot * (h > 0)
-            h = torch.relu(h)
-            continue
-        if not isinstance(layer, nn.Linear):
-            raise TypeError(f"stage_jvp handles nn.Linear and nn.ReLU layers only, got "
-                            f"{type(layer).__name__}; build the stages with build_stages")
-        w, b = layer.weight, layer.bias
-        tw = sampler.rank1(index, w, 1) if sampler.is_rank1(w.shape) else sampler.dense(
-            index, w, 1)
-        if isinstance(tw, Rank1):
-            y_dot = (h @ tw.a[0]).unsqueeze(1) * tw.b[0]  # (B, 1) * (q,) -> (B, q)
-        else:
-            y_dot = h @ tw[0].T  # (B, p) @ (p, q)
-        if h_dot is not None:
-            y_dot += h_dot @ w.T
-        dirs.append(tw)
-        if b is not None:
-            tb = sampler.dense(index + 1, b, 1)[0]  # (q,)
-            y_dot += tb
-            dirs.append(tb)
-        index += len(list(layer.parameters()))
-        h, h_dot = F.linear(h, w, b), y_dot
-    return h, h_dot, dirs
+
+    def tangent(p: nn.Parameter) -> Tensor | Rank1:
+        index = first_index + len(dirs)
+        dirs.append(sampler.rank1(index, p, 1) if sampler.is_rank1(p.shape)
+                    else sampler.dense(index, p, 1))
+        return dirs[-1]
+
+    layers = sequential_layers(stage) or [("0", stage)]
+    tx = None if h_dot is None else h_dot.unsqueeze(0).clone()  # (1, B, p), ours to overwrite
+    h, tx = run_layers(layers, h, tx, tangent, 1)
+    return h, None if tx is None else tx[0], dirs
 
 
 def time_forward_gradient_step(stages: Sequence[nn.Module], x: Tensor, y: Tensor, lr: float,
@@ -237,7 +226,7 @@ def time_forward_gradient_step(stages: Sequence[nn.Module], x: Tensor, y: Tensor
                                ) -> dict[str, list[float]]:
     """One forward-gradient SGD step, stage by stage; seconds per stage for JVP and update.
 
-    Stage i draws its directions vᵢ (``distribution`` as in :mod:`forwardonly.directions`)
+    Stage i draws its directions vᵢ (``distribution`` as in :mod:`forwardonly.autodiff.directions`)
     and runs :func:`stage_jvp` — the draw is part of jᵢ. The last stage's JVP includes the
     cross-entropy loss, whose tangent (``torch.func.jvp``) is the scalar d = ∇L·v. The
     update θᵢ -= lr·d·vᵢ uses the directions the stage kept from its JVP.
@@ -253,11 +242,12 @@ def time_forward_gradient_step(stages: Sequence[nn.Module], x: Tensor, y: Tensor
             t0 = _now()
             h, h_dot, dirs = stage_jvp(stage, h, h_dot, sampler, index)
             if i == s - 1:
-                h, h_dot = jvp(lambda z: F.cross_entropy(z, y), (h,), (h_dot,))
+                tx = None if h_dot is None else h_dot.unsqueeze(0)
+                h, h_dot = loss_and_derivatives(F.cross_entropy, h, tx, y, 1)
             jv[i] = _now() - t0
             index += len(dirs)
             directions.append(dirs)
-        d = float(h_dot)  # the scalar every stage waits for
+        d = float(h_dot[0])  # the scalar every stage waits for
         coeff = torch.tensor([d])
         for i, stage in enumerate(stages):
             t0 = _now()

@@ -1,8 +1,10 @@
 """Hinton's Forward-Forward algorithm (arXiv 2212.13345) on the forwardonly interfaces.
 
-Importing this package registers the estimator ``"ff"`` and the model ``"ff-mlp"``::
+Goodness, negative data, label embedding, the network (registered as the model
+``"ff-mlp"``) and its readouts; the estimator ``"ff"`` is
+:class:`forwardonly.estimators.ForwardForward`::
 
-    from forwardonly.ff import ForwardForward, FFNet
+    from forwardonly import FFNet, ForwardForward
     net = FFNet((1, 28, 28), 10, widths=(2000, 2000, 2000, 2000))
     est = ForwardForward(net, ff_negatives="hard")
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -14,7 +16,6 @@ Importing this package registers the estimator ``"ff"`` and the model ``"ff-mlp"
     refit_head(net, x_train, y_train)  # optional: the linear readout refitted on the final layers
 """
 
-from forwardonly.ff.estimator import ForwardForward
 from forwardonly.ff.goodness import ff_loss, ff_loss_and_grad, goodness
 from forwardonly.ff.labels import embed_labels, extract_labels, label_trials
 from forwardonly.ff.negatives import (
@@ -29,7 +30,6 @@ from forwardonly.ff.readout import fit_linear_softmax, readout_features, refit_h
 __all__ = [
     "FFLayer",
     "FFNet",
-    "ForwardForward",
     "embed_labels",
     "extract_labels",
     "ff_loss",

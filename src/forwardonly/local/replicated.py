@@ -17,9 +17,9 @@ gradient, one ``(B, P, C)`` tensor):
 
 because the only path from ``h_{b,p,g}`` to ``L_{p,g}`` is the one the plain loss has for
 that slice. ``e`` itself is closed form: ``e_{b,p,g} = J_LN(h_{b,p,g}) (∂L/∂f_b)_g / P``
-(``J_LN`` symmetric, see :mod:`.tangents`). Summing the replicated losses gives back the
-plain gradient — for backprop the split changes nothing; for forward gradients it decides
-how many perturbed units each directional derivative mixes.
+(``J_LN`` symmetric, see :mod:`forwardonly.autodiff.mixer`). Summing the replicated losses
+gives back the plain gradient — for backprop the split changes nothing; for forward
+gradients it decides how many perturbed units each directional derivative mixes.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..autodiff import ln_jvp, ln_stats
 from ..models.local_mixer import Head, layer_norm
-from .tangents import ln_jvp, ln_stats
 
 
 def pooled_features(h: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:

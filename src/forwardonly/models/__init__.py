@@ -33,3 +33,8 @@ def build_model(
         valid = ", ".join(repr(n) for n in sorted(MODELS))
         raise ValueError(f"model must be one of {valid}, got {name!r}")
     return MODELS[name](in_shape, num_classes, **options)
+
+
+# the built-in models register themselves here; ff-mlp with forwardonly.ff (the estimators
+# import it, and every public name of forwardonly imports the estimators first)
+from . import cnn, local_mixer, mlp  # noqa: E402,F401

@@ -12,7 +12,7 @@ Every linear layer is wrapped as ``LN_in → linear → LN_out → ReLU``; the L
 learned scale or shift and are *local*: over the channels of one patch, or of one group of
 one patch for the grouped layer. The residual is added after the last ``LN_out``, before the
 ReLU. Activity perturbation puts its tangent right after ``LN_out`` (before the residual and
-the ReLU), see :mod:`forwardonly.local.tangents`.
+the ReLU), see :mod:`forwardonly.autodiff.mixer`.
 
 Heads: after every block ``i`` a linear head reads ``block_features`` — the block output
 normalized per (patch, group), then averaged over patches — and one *final* head reads

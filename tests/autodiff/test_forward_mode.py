@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forwardonly import ForwardModeError, directional_derivatives
-from forwardonly.directions import DirectionSampler
+from forwardonly.autodiff import DirectionSampler
 from forwardonly.models import build_model
 
 K = 3

@@ -1,4 +1,9 @@
-"""Shared frame of the local-loss estimators on a :class:`LocalMixer`.
+"""The shared frame of Ren et al.'s local-loss estimators on a :class:`LocalMixer`.
+
+Ren, Kornblith, Liao, Hinton — *Scaling Forward Gradient With Local Losses* (ICLR 2023,
+arXiv 2210.03310). :class:`LocalLosses` is the base class of ``l-bp``, ``lg-bp``
+(:mod:`.local_bp`), ``fg-a``, ``lg-fg-a`` (:mod:`.activity`), ``lg-fg-w`` and ``fg-w-mixer``
+(:mod:`.local_fg`); the losses themselves are in :mod:`forwardonly.local`.
 
 Every local estimator walks the blocks in order. Block ``i`` gets its input from block
 ``i − 1`` stop-gradiented, is trained on its own loss (its head on the aggregated block
@@ -14,14 +19,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..estimators.base import Estimator, LossFn, set_grad
-from ..models.local_mixer import LocalMixer
-from .heads import head_step
-from .sequential import check_sequential
+from ..autodiff import LossFn, activity_rule_error
+from ..local.heads import head_step
+from ..models.local_mixer import Head, LocalMixer
+from .base import Estimator, set_grad
 
 
-class LocalMixerEstimator(Estimator):
-    """Base class of the estimators that need a :class:`LocalMixer`.
+class LocalLosses(Estimator):
+    """Base class of Ren et al.'s local-loss estimators (they need a :class:`LocalMixer`).
 
     Arguments:
         model: a :class:`LocalMixer` (``build_model("local-mixer", ...)``).
@@ -30,7 +35,7 @@ class LocalMixerEstimator(Estimator):
             (the heads-only baseline: what the frozen random features alone give).
     """
 
-    supports_sequential: ClassVar[bool] = False  # also plain MLPs (see local.sequential)
+    supports_sequential: ClassVar[bool] = False  # also plain MLPs (see autodiff.activity)
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, seed: int = 0,
                  freeze_backbone: bool = False) -> None:
@@ -40,7 +45,7 @@ class LocalMixerEstimator(Estimator):
                     f"method {type(self).name!r} needs a LocalMixer model "
                     f"(build_model('local-mixer', ...)), got {type(model).__name__}"
                 )
-            reason = check_sequential(model)
+            reason = activity_rule_error(model)
             if reason is not None:
                 raise TypeError(
                     f"method {type(self).name!r} needs a LocalMixer model or an nn.Sequential "
@@ -60,16 +65,23 @@ class LocalMixerEstimator(Estimator):
             if p.requires_grad:
                 set_grad(p, torch.zeros_like(p))
 
+    def head_step(self, head: Head, feats: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``head``'s exact gradient on ``(B, C)`` features ``feats``; return the
+        loss and ``∂L/∂feats`` (:func:`forwardonly.local.head_step`)."""
+        loss, dfeats, grads = head_step(head, feats, targets, self.loss_fn)
+        for p, g in grads:
+            set_grad(p, g)
+        return loss, dfeats
+
     def block_head_step(self, i: int, out: Tensor, targets: Tensor) -> Tensor:
         """Exact gradient of block ``i``'s head on its plain pooled loss; returns the loss."""
-        feats = self.mixer.block_features(out)
-        loss, _ = head_step(self.mixer.heads[i], feats, targets, self.loss_fn)
+        loss, _ = self.head_step(self.mixer.heads[i], self.mixer.block_features(out), targets)
         return loss
 
     def final_head_step(self, h: Tensor, targets: Tensor) -> Tensor:
         """Exact gradient of the final head on the stop-gradiented last block output."""
         feats = self.mixer.final_features(h.detach())
-        loss, _ = head_step(self.mixer.final_head, feats, targets, self.loss_fn)
+        loss, _ = self.head_step(self.mixer.final_head, feats, targets)
         return loss
 
     @torch.no_grad()
@@ -90,3 +102,7 @@ def stats(loss: Tensor, local: list[Tensor], **extra: float) -> dict[str, float]
     out = {"loss": float(loss), "local_loss": float(torch.stack(local).mean())}
     out.update(extra)
     return out
+
+
+#: The former name of :class:`LocalLosses`.
+LocalMixerEstimator = LocalLosses

@@ -1,4 +1,4 @@
-"""Forward mode through LocalMixer layers, by hand: primal + K tangents, no autograd graph.
+"""Forward mode through LocalMixer layers: primal + K tangents, no autograd graph.
 
 A layer ``out = ReLU(LN_out(linear(LN_in(x))) + u + r)`` carries tangents ``ẋ`` of shape
 ``(K, *x.shape)`` (one per direction) next to its primal ``x``:
@@ -8,8 +8,10 @@ A layer ``out = ReLU(LN_out(linear(LN_in(x))) + u + r)`` carries tangents ``ẋ`
     ẏ = J_LN_out ż + u                 (u: the activity tangent, injected after LN_out)
     ȯut = [out > 0] ⊙ (ẏ + ṙ)          (ReLU; r is the residual)
 
-The LayerNorm Jacobian is symmetric, so its JVP and its VJP are the same map
-(:mod:`forwardonly.models.local_norm`). Every layer keeps a :class:`LayerTrace` — its
+The LayerNorm Jacobian is symmetric, so its JVP and its VJP are the same map, ``ln_jvp``.
+It is defined with the LayerNorm op itself in :mod:`forwardonly.models.local_norm` (the
+model's backward pass needs it too, and models sit below this package); this package
+exports it as the LayerNorm rule. Every layer keeps a :class:`LayerTrace` — its
 normalized input ``a = LN_in(x)``, its pre-norm output ``z`` with the LN statistics, its ReLU
 output and the injected tangent — which is all that :func:`activity_weight_grads` needs to
 turn an estimate of ``∂L/∂y`` into weight gradients *inside the layer*:
@@ -31,11 +33,10 @@ import torch
 from torch import Tensor
 
 from ..models.local_mixer import MixerBlock, MixerLayer
-from ..models.local_norm import ln_jvp as ln_jvp  # re-exported for the estimators
-from ..models.local_norm import ln_stats as ln_stats
+from ..models.local_norm import ln_jvp, ln_stats
+from .directions import NoiseFn
+from .rules import relu_tangent
 
-# noise(layer_index, shape, like) -> (K, *shape) activity tangent (dtype/device of ``like``)
-NoiseFn = Callable[[int, tuple[int, ...], Tensor], Tensor]
 # weight_tangent(layer_index, layer) -> ((K, *W.shape), (K, *b.shape)) or None
 WeightTangentFn = Callable[[int, MixerLayer], "tuple[Tensor, Tensor] | None"]
 
@@ -97,19 +98,6 @@ def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor 
     return out, tout, LayerTrace(layer, a, z, mean, rstd, out, u)
 
 
-def relu_tangent(t: Tensor, out: Tensor, *, inplace: bool = False) -> Tensor:
-    """``[out > 0] ⊙ t`` for ``(K, *out.shape)`` tangents (the fused ReLU-backward kernel,
-    per direction: broadcasting over K would take its slow path); ``inplace`` overwrites
-    ``t``."""
-    if inplace:
-        for tk in t:
-            torch.ops.aten.threshold_backward.grad_input(tk, out, 0.0, grad_input=tk)
-        return t
-    if t.shape[0] == 1:
-        return torch.ops.aten.threshold_backward(t[0], out, 0.0).unsqueeze(0)
-    return torch.stack([torch.ops.aten.threshold_backward(tk, out, 0.0) for tk in t])
-
-
 def block_forward(block: MixerBlock, x: Tensor, tx: Tensor | None, *, first_index: int,
                   noise: NoiseFn | None = None, weight_tangent: WeightTangentFn | None = None
                   ) -> tuple[Tensor, Tensor | None, list[LayerTrace]]:
@@ -161,46 +149,3 @@ def activity_weight_grads(trace: LayerTrace, coef: Tensor) -> tuple[Tensor, Tens
     gz = ln_jvp(trace.z, trace.mean, trace.rstd, gy, trace.layer.norm_groups)
     del gy
     return trace.layer.weight_grad(trace.a, gz)
-
-
-NOISE_DISTRIBUTIONS = ("rademacher", "gaussian")
-
-# Row v of this table holds the 8 bits of the byte v as ±1.0: one lookup turns a random byte
-# into 8 independent signs (random bits are nearly free; drawing Gaussians is not).
-_SIGN_TABLE = torch.tensor([[1.0 if (v >> j) & 1 else -1.0 for j in range(8)]
-                            for v in range(256)])
-
-
-def rademacher(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
-    """Independent ±1 entries of ``shape`` from 64 random bits per 64 entries."""
-    n = 1
-    for s in shape:
-        n *= s
-    words = torch.empty((n + 63) // 64, dtype=torch.int64, device=like.device)
-    words.random_(-(2**63), 2**63 - 1, generator=generator)  # every bit uniform
-    idx = words.view(torch.uint8).int()
-    table = _SIGN_TABLE.to(device=like.device, dtype=like.dtype)
-    return torch.index_select(table, 0, idx).view(-1)[:n].view(shape)
-
-
-def activity_noise(distribution: str, k: int, seed_of: Callable[[int], int]) -> NoiseFn:
-    """Noise function drawing the K activity tangents ``(K, *shape)`` of layer ``index`` from
-    a generator seeded with ``seed_of(index)``, so every tangent can be drawn again.
-
-    ``"rademacher"``: independent ±1; ``"gaussian"``: ``N(0, 1)`` (the paper's choice). Both
-    have ``E[u uᵀ] = I``; Rademacher's estimate has the lower variance,
-    ``E‖g‖² = n‖∇‖²`` against ``(n + 2)‖∇‖²``, and costs far less to draw.
-    """
-    if distribution not in NOISE_DISTRIBUTIONS:
-        valid = ", ".join(repr(d) for d in NOISE_DISTRIBUTIONS)
-        raise ValueError(f"distribution must be one of {valid}, got {distribution!r}")
-
-    def draw(index: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        gen = torch.Generator(device=like.device)
-        gen.manual_seed(seed_of(index))
-        full = (k, *shape)
-        if distribution == "rademacher":
-            return rademacher(full, gen, like)
-        return torch.empty(full, dtype=like.dtype, device=like.device).normal_(generator=gen)
-
-    return draw

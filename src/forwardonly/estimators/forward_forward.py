@@ -38,14 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from forwardonly.estimators.base import Estimator, LossFn, register, set_grad
-from forwardonly.ff.first_layer import (
+from ..autodiff import LossFn
+from ..ff.first_layer import (
     ImagePart,
     image_part,
     labelled_preactivation,
     labelled_weight_grad,
 )
-from forwardonly.ff.goodness import (
+from ..ff.goodness import (
     LossKind,
     check_loss_kind,
     default_threshold,
@@ -54,9 +54,10 @@ from forwardonly.ff.goodness import (
     goodness,
     goodness_slope,
 )
-from forwardonly.ff.labels import label_codes, write_codes
-from forwardonly.ff.negatives import hard_wrong_labels, hybrid_images, random_wrong_labels
-from forwardonly.ff.network import FFNet, affine, rms_normalize
+from ..ff.labels import label_codes, write_codes
+from ..ff.negatives import hard_wrong_labels, hybrid_images, random_wrong_labels
+from ..ff.network import FFNet, affine, rms_normalize
+from .base import Estimator, register, set_grad
 
 NEGATIVES = ("random", "hard", "hybrid")
 PEER_MOMENTUM = 0.9  # running-mean decay of peer normalization, as in Hinton's code

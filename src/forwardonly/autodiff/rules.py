@@ -1,0 +1,249 @@
+"""Forward-mode rules, one per layer type: a layer's output and its K output tangents.
+
+Tangents are carried next to every activation ``h`` as ``ḣ`` of shape ``(K, *h.shape)``,
+one per direction; ``None`` stands for an all-zero tangent (nothing before the layer
+depends on a perturbed quantity yet). Hand-written rules:
+
+- Linear ``y = x Wᵀ + b``: ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ``; for a rank-one ``Ẇ = b aᵀ`` the middle
+  term is the outer product ``(x a) bᵀ`` (:func:`linear_jvp`).
+- ReLU: ``ẏ = [y > 0] ⊙ ẋ`` (:func:`relu_tangent`).
+- Other elementwise activations: ``ẏ = σ'(x) ⊙ ẋ``, the slope from one JVP with a ones
+  tangent (:func:`activation_jvp`).
+- Flatten and Identity reshape or pass the tangents.
+
+:func:`run_layers` walks a list of layers with the rule table; any layer without a rule
+goes through ``torch.func.jvp`` (vmapped over K). Parameter tangents come from a
+:data:`TangentFn`, called just before the layer runs, so no model-sized tangent buffer
+exists. :func:`sequential_layers` flattens a (nested) ``nn.Sequential``. A module whose
+operations have no forward-mode rule raises :class:`ForwardModeError` naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vmap
+
+from .directions import Rank1
+
+#: ``loss_fn(outputs, targets) -> scalar`` (a mean over the batch)
+LossFn = Callable[[Tensor, Tensor], Tensor]
+#: tangent(param) -> (K, *param.shape) dense directions, or their rank-one factors
+TangentFn = Callable[[nn.Parameter], "Tensor | Rank1"]
+Rule = Callable[[Any, Tensor, "Tensor | None", TangentFn, int], "tuple[Tensor, Tensor | None]"]
+
+#: Parameter-free elementwise activations: their tangent is the input tangent times a slope.
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Identity,
+)
+
+
+class ForwardModeError(RuntimeError):
+    """A module of the model cannot be differentiated in forward mode."""
+
+
+# -- the rules --------------------------------------------------------------------------
+
+def linear_jvp(h: Tensor, h_dot: Tensor | None, weight: Tensor, bias: Tensor | None,
+               w_dot: Tensor | Rank1 | None = None, b_dot: Tensor | None = None
+               ) -> tuple[Tensor, Tensor | None]:
+    """``y = h Wᵀ + b`` and ``ẏ = ḣ Wᵀ + h Ẇᵀ + ḃ``.
+
+    Arguments:
+        h: ``(..., p)`` input; ``h_dot``: ``(K, ..., p)`` tangents or None (zero).
+        weight, bias: ``(q, p)`` and ``(q,)`` (bias may be None).
+        w_dot: ``(K, q, p)`` weight tangents, their :class:`Rank1` factors, or None.
+        b_dot: ``(K, q)`` bias tangents or None.
+
+    Returns:
+        ``(y, ẏ)``: ``(..., q)`` and ``(K, ..., q)`` (None when every tangent is zero).
+        ``ẏ`` is a new buffer the caller owns.
+    """
+    out = F.linear(h, weight, bias)
+    y_dot = None if h_dot is None else h_dot @ weight.T  # (K, ..., q)
+    if w_dot is not None:
+        if isinstance(w_dot, Rank1):
+            proj = h @ w_dot.a.T  # (..., K)
+            term = proj.movedim(-1, 0).unsqueeze(-1) * _lift(w_dot.b, h.dim())  # (K, ..., q)
+        elif w_dot.shape[0] == 1 and h.dim() == 2:  # accumulate in place: no (B, q) buffer
+            if y_dot is None:
+                y_dot = (h @ w_dot[0].T).unsqueeze(0)
+            else:
+                y_dot[0].addmm_(h, w_dot[0].T)
+            term = None
+        else:  # (1, ..., p) @ (K, 1.., p, q) -> (K, ..., q)
+            w_t = w_dot.transpose(1, 2)
+            term = torch.matmul(h.unsqueeze(0), w_t.view(w_t.shape[0], *[1] * (h.dim() - 2),
+                                                         *w_t.shape[1:]))
+        if term is not None:
+            y_dot = term if y_dot is None else y_dot.add_(term)
+    if b_dot is not None:
+        tb = _lift(b_dot, h.dim())  # (K, 1.., q)
+        y_dot = tb.expand(b_dot.shape[0], *out.shape).clone() if y_dot is None \
+            else y_dot.add_(tb)
+    return out, y_dot
+
+
+def _lift(v: Tensor, dims: int) -> Tensor:
+    """(K, q) -> (K, 1, ..., 1, q) to broadcast against (K, *batch, q) of ``dims`` dims."""
+    return v.view(v.shape[0], *([1] * (dims - 1)), v.shape[-1])
+
+
+def relu_tangent(t: Tensor, out: Tensor, *, inplace: bool = False) -> Tensor:
+    """``[out > 0] ⊙ t`` for ``(K, *out.shape)`` tangents of ``out = relu(x)``.
+
+    The fused ReLU-backward kernel, one direction at a time (broadcasting over K would take
+    its slow path); ``inplace`` overwrites ``t`` (only for a buffer no one else holds).
+    """
+    if inplace:
+        for tk in t:
+            torch.ops.aten.threshold_backward.grad_input(tk, out, 0.0, grad_input=tk)
+        return t
+    if t.shape[0] == 1:
+        return torch.ops.aten.threshold_backward(t[0], out, 0.0).unsqueeze(0)
+    return torch.stack([torch.ops.aten.threshold_backward(tk, out, 0.0) for tk in t])
+
+
+def activation_jvp(act: nn.Module, h: Tensor, h_dot: Tensor | None, *, inplace: bool = False
+                   ) -> tuple[Tensor, Tensor | None]:
+    """An elementwise activation ``y = σ(h)`` and ``ẏ = σ'(h) ⊙ ḣ`` (``ḣ`` ``(K, *h.shape)``)."""
+    if isinstance(act, nn.Identity):
+        return h, h_dot
+    if isinstance(act, nn.ReLU):
+        out = F.relu(h)
+        return out, None if h_dot is None else relu_tangent(h_dot, out, inplace=inplace)
+    if h_dot is None:
+        return act(h), None
+    out, slope = jvp(act, (h,), (torch.ones_like(h),))
+    return out, h_dot.mul_(slope) if inplace else h_dot * slope
+
+
+# Rules as the table calls them: (layer, h, ḣ, tangent, K) -> (y, ẏ). The walk owns ḣ.
+
+def _linear(layer: nn.Linear, h: Tensor, h_dot: Tensor | None, tangent: TangentFn, k: int):
+    w, b = layer.weight, layer.bias
+    w_dot = tangent(w) if w.requires_grad else None
+    b_dot = dense(tangent(b)) if b is not None and b.requires_grad else None
+    return linear_jvp(h, h_dot, w, b, w_dot, b_dot)
+
+
+def _activation(layer: nn.Module, h: Tensor, h_dot: Tensor | None, tangent: TangentFn, k: int):
+    return activation_jvp(layer, h, h_dot, inplace=True)
+
+
+def _flatten(layer: nn.Flatten, h: Tensor, h_dot: Tensor | None, tangent: TangentFn, k: int):
+    out = layer(h)
+    return out, (None if h_dot is None else h_dot.reshape(k, *out.shape))
+
+
+def _generic_layer(layer: nn.Module, h: Tensor, h_dot: Tensor | None, tangent: TangentFn,
+                   k: int) -> tuple[Tensor, Tensor | None]:
+    trainable = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+    if not trainable and h_dot is None:
+        return layer(h), None
+    frozen = {n: p for n, p in layer.named_parameters() if not p.requires_grad}
+    frozen.update(dict(layer.named_buffers()))
+    primals = {n: p.detach() for n, p in trainable.items()}
+    tangents = {n: dense(tangent(p)) for n, p in trainable.items()}
+    if h_dot is None:
+        h_dot = torch.zeros(k, *h.shape, dtype=h.dtype, device=h.device)
+
+    def f(params: dict[str, Tensor], inp: Tensor) -> Tensor:
+        return functional_call(layer, {**frozen, **params}, (inp,))
+
+    return batched_jvp(f, (primals, h), (tangents, h_dot), k, multi=True)
+
+
+def dense(t: Tensor | Rank1) -> Tensor:
+    """Dense ``(K, *shape)`` directions from either form."""
+    return t.materialize() if isinstance(t, Rank1) else t
+
+
+RULES: dict[type, Rule] = {
+    nn.Linear: _linear,
+    nn.Flatten: _flatten,
+    **{act: _activation for act in ACTIVATIONS},
+}
+
+
+# -- walking layers ---------------------------------------------------------------------
+
+def sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The leaves of a (nested) ``nn.Sequential`` as ``(name, module)``, else ``None``."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    leaves: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        inner = sequential_layers(child)
+        if inner is None:
+            leaves.append((name, child))
+        else:
+            leaves.extend((f"{name}.{n}", m) for n, m in inner)
+    return leaves
+
+
+def run_layers(layers: list[tuple[str, nn.Module]], h: Tensor, h_dot: Tensor | None,
+               tangent: TangentFn, k: int) -> tuple[Tensor, Tensor | None]:
+    """Carry ``(h, ḣ)`` through ``layers``; ``ḣ`` is ``(K, *h.shape)``, or ``None`` while
+    nothing depends on the parameters. ``ḣ`` is overwritten: pass a buffer you own. No
+    autograd graph is built. Used by :func:`directional_derivatives`, each pipeline stage
+    and the latency experiment."""
+    with torch.no_grad():
+        for name, layer in layers:
+            rule = RULES.get(type(layer), _generic_layer)
+            with naming(name, layer):
+                h, h_dot = rule(layer, h, h_dot, tangent, k)
+    return h, h_dot
+
+
+def loss_and_derivatives(loss_fn: LossFn, h: Tensor, h_dot: Tensor | None, y: Tensor, k: int
+                         ) -> tuple[Tensor, Tensor]:
+    """The loss and its K directional derivatives ``(K,)`` from the last activation and
+    tangents."""
+    with naming("loss_fn", loss_fn):
+        if h_dot is None:
+            return loss_fn(h, y), torch.zeros(k, dtype=h.dtype, device=h.device)
+        return batched_jvp(lambda z: loss_fn(z, y), h, h_dot, k)
+
+
+def batched_jvp(f: Callable[..., Tensor], primals: Any, tangents: Any, k: int,
+                multi: bool = False) -> tuple[Tensor, Tensor]:
+    """``jvp`` of ``f`` along K stacked tangents: returns ``(f(primals), (K, ...) tangent)``."""
+    primals_t = primals if multi else (primals,)
+    tangents_t = tangents if multi else (tangents,)
+    if k == 1:
+        first = torch.utils._pytree.tree_map(lambda t: t[0], tangents_t)
+        out, out_dot = jvp(f, primals_t, first)
+        return out, out_dot.unsqueeze(0)
+    out, out_dot = vmap(
+        lambda *t: jvp(f, primals_t, t), in_dims=tuple(0 for _ in tangents_t),
+        out_dims=(None, 0), randomness="same",
+    )(*tangents_t)
+    return out, out_dot
+
+
+@contextmanager
+def naming(name: str, module: object) -> Iterator[None]:
+    """Turn a forward-mode failure inside ``module`` into a :class:`ForwardModeError`."""
+    try:
+        yield
+    except ForwardModeError:
+        raise
+    except (RuntimeError, NotImplementedError) as exc:
+        raise ForwardModeError(failure_message(f"'{name}' ({type(module).__name__})", exc)
+                               ) from exc
+
+
+def failure_message(where: str, exc: BaseException) -> str:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"forward-mode AD failed in module {where}: {first_line}. Forward-gradient methods "
+        f"need every operation of the model to support forward-mode AD (a custom "
+        f"autograd.Function must define jvp and vmap support); replace that module, or train "
+        f"it with --method bp or zo (zeroth order needs only forward passes)."
+    )
