@@ -99,6 +99,7 @@ def test_each_local_loss_touches_only_its_own_block(name):
     assert not torch.equal(own["blocks.0.layers.1.weight"], after["blocks.0.layers.1.weight"])
 
 
+@pytest.mark.slow
 def test_lg_fg_a_is_unbiased_for_its_local_losses():
     """Average of 24000 activity-perturbation estimates → the exact local gradient."""
     model, x, y = setup(3)
