@@ -281,7 +281,8 @@ class LocalMixer(nn.Module):
         h = self.patchify(x)
         for block in self.blocks:
             h = block(h)
-        return self.final_head(self.final_features(h))
+        scores: Tensor = self.final_head(self.final_features(h))  # (B, num_classes)
+        return scores
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.blocks.parameters()]
