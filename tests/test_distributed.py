@@ -133,6 +133,7 @@ def _faulty_rank(rank: int, values: dict[str, Any], victim: int, fault: str, at_
 
 
 # -- data parallel ------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("method,world", [("fg-w", 1), ("fg-w", 2), ("fg-w", 3), ("zo", 2),
                                           ("bp", 2)])
 def test_data_parallel_equals_single_process(tmp_path, method, world):
@@ -167,6 +168,7 @@ class ExactGradient(Estimator):
         return {"loss": loss.item(), "batch": float(len(inputs))}
 
 
+@pytest.mark.slow
 def test_data_parallel_averages_gradients_of_other_estimators(tmp_path):
     values = {**SMALL, "method": "test-exact-gradient"}
     single = train(from_dict({**values, "out": str(tmp_path / "single")}), log=lambda s: None)
@@ -185,6 +187,7 @@ def test_data_parallel_averages_gradients_of_other_estimators(tmp_path):
 
 
 # -- stages -------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("method,world", [("fg-w", 2), ("fg-w", 3), ("bp", 3)])
 def test_stages_equal_single_process(tmp_path, method, world):
     values = {**SMALL, "method": method, "directions": 3}
@@ -207,6 +210,7 @@ def test_stages_equal_single_process(tmp_path, method, world):
             assert torch.equal(mine["optimizer"]["state"][i][name], value)
 
 
+@pytest.mark.slow
 def test_stage_run_resumes_on_every_rank(tmp_path):
     values = {**SMALL, "method": "fg-w", "schedule": "constant"}
     whole = train(from_dict({**values, "epochs": 2, "out": str(tmp_path / "single")}),
@@ -232,6 +236,7 @@ def _fault_values(tmp_path: Path, timeout: float) -> dict[str, Any]:
             "dist_timeout": timeout, "out": str(tmp_path / "run")}
 
 
+@pytest.mark.slow
 def test_killed_rank_is_named_by_the_others(tmp_path):
     values = _fault_values(tmp_path, timeout=6.0)
     results = run_ranks(3, _faulty_rank, values, 1, "kill", 4, tmp_path=tmp_path)
@@ -244,6 +249,7 @@ def test_killed_rank_is_named_by_the_others(tmp_path):
               f"(dist_timeout 6 s)")
 
 
+@pytest.mark.slow
 def test_hung_rank_is_named_and_ended(tmp_path):
     values = _fault_values(tmp_path, timeout=4.0)
     results = run_ranks(2, _faulty_rank, values, 1, "hang", 3, tmp_path=tmp_path)
@@ -257,6 +263,7 @@ def test_hung_rank_is_named_and_ended(tmp_path):
           f"(dist_timeout 4 s)")
 
 
+@pytest.mark.slow
 def test_failing_rank_is_named_with_its_error(tmp_path):
     values = _fault_values(tmp_path, timeout=30.0)
     results = run_ranks(2, _faulty_rank, values, 1, "raise", 2, tmp_path=tmp_path)
@@ -266,6 +273,7 @@ def test_failing_rank_is_named_with_its_error(tmp_path):
     assert "ValueError: injected failure" in results[0]["message"]
 
 
+@pytest.mark.slow
 def test_mismatched_settings_are_caught_at_start(tmp_path):
     results = run_ranks(2, _mismatched_rank, tmp_path, tmp_path=tmp_path)
     for res in results:
@@ -322,6 +330,7 @@ def test_optimizer_state_split_and_merge_round_trip():
 
 
 # -- the real command line ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_torchrun_command_line(tmp_path, capsys):
     torchrun = Path(sys.executable).with_name("torchrun")
     run = tmp_path / "run"

@@ -133,7 +133,10 @@ def digits_loss_drop(method, steps=200, **options):
 
 @pytest.mark.parametrize("method", ["bp", "fg-w", "fg-sign", "zo", "zo-sign"])
 def test_every_estimator_lowers_the_loss_on_digits(method):
-    start, end = digits_loss_drop(method, **({} if method == "bp" else {"directions": 8}))
+    # 300 steps: the estimators reach 0.39-0.44 over 8 direction seeds, far from the bound;
+    # at 200 steps they reached 0.50-0.58, too close to it for every CPU's rounding
+    options = {} if method == "bp" else {"directions": 8}
+    start, end = digits_loss_drop(method, steps=300, **options)
     assert end < 0.6 * start, (start, end)
 
 

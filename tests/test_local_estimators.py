@@ -94,6 +94,7 @@ def test_each_local_loss_touches_only_its_own_block(name):
     assert not torch.equal(own["blocks.0.layers.1.weight"], after["blocks.0.layers.1.weight"])
 
 
+@pytest.mark.slow
 def test_lg_fg_a_is_unbiased_for_its_local_losses():
     """Average of 24000 activity-perturbation estimates → the exact local gradient."""
     model, x, y = setup(3)
@@ -176,25 +177,39 @@ def test_bad_arguments_are_clear_errors():
         make_estimator("lg-fg-a", model, F.cross_entropy, distribution="uniform")
 
 
-def test_lg_fg_a_learns_digits():
-    """A few epochs of LG-FG-A on scikit-learn's 8×8 digits: test error far below chance."""
+def digits_error(name, *, freeze_backbone=False, epochs=10):
+    """Test error of a tiny LocalMixer trained by ``name`` on scikit-learn's 8×8 digits."""
     from forwardonly.data import load_dataset, standardize
 
-    torch.manual_seed(0)
     data = standardize(load_dataset("digits"))
-    model = local_mixer(data.in_shape, 10, "tiny", width=64, groups=8, seed=0)
-    est = make_estimator("lg-fg-a", model, F.cross_entropy, seed=0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model = local_mixer(data.in_shape, 10, "tiny", width=32, groups=4, seed=0)
+    est = make_estimator(name, model, F.cross_entropy, seed=0, freeze_backbone=freeze_backbone)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(5):
+    for _ in range(epochs):
         order = torch.randperm(len(data.train_x), generator=gen)
         for i in range(0, len(order), 64):
             idx = order[i:i + 64]
             opt.zero_grad()
             est.step(data.train_x[idx], data.train_y[idx])
             opt.step()
-    err = (est.predict(data.test_x).argmax(-1) != data.test_y).float().mean().item()
-    assert err < 0.15, err  # chance is 0.9
+    return (est.predict(data.test_x).argmax(-1) != data.test_y).float().mean().item()
+
+
+@pytest.mark.slow
+def test_lg_fg_a_learns_digits():
+    """LG-FG-A learns features: its test error is far below chance (0.9) and far below that of
+    the same network trained the same way with its backbone frozen at the random init (only
+    the heads learn), so the forward gradients of the blocks carry real signal.
+
+    Rounding differences between CPUs change a run about as much as another direction seed
+    and data order do; over 8 such seeds on one machine LG-FG-A ended at 0.12–0.20 and the
+    frozen baseline at 0.33–0.34 (smallest gap 0.14), so the bounds below hold with room.
+    """
+    err = digits_error("lg-fg-a")
+    frozen = digits_error("lg-fg-a", freeze_backbone=True)
+    assert err < 0.3, (err, frozen)
+    assert err < frozen - 0.07, (err, frozen)
 
 
 def test_fg_a_on_a_plain_mlp_is_unbiased_and_trains_the_head_exactly():

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from . import register_model
+from . import check_sizes, register_model
 from .mlp import make_activation
 
 
@@ -20,7 +20,7 @@ def cnn(in_shape: tuple[int, int, int], num_classes: int, *,
             (each block halves them, rounding down).
         channels: output channels of each conv block.
     """
-    c, h, w = (int(s) for s in in_shape)
+    c, h, w = check_sizes(in_shape, num_classes, image=True)
     channels = list(channels)
     if not channels or any(int(ch) < 1 for ch in channels):
         raise ValueError(f"channels must be a non-empty list of positive integers, got {channels}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import register_model
+from . import check_sizes, register_model
 from .local_norm import LN_EPS as LN_EPS  # re-exported: part of this module's interface
 from .local_norm import layer_norm as layer_norm
 from .local_norm import local_layer_norm
@@ -219,9 +219,9 @@ class LocalMixer(nn.Module):
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, *, blocks: int,
                  patches: int, channels: int, groups: int, seed: int = 0) -> None:
         super().__init__()
-        c_in, height, width = (int(s) for s in in_shape)
+        c_in, height, width = check_sizes(in_shape, num_classes, image=True)
         for name, value in (("blocks", blocks), ("patches", patches), ("channels", channels),
-                            ("groups", groups), ("num_classes", num_classes)):
+                            ("groups", groups)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         if height % patches or width % patches:
@@ -281,7 +281,8 @@ class LocalMixer(nn.Module):
         h = self.patchify(x)
         for block in self.blocks:
             h = block(h)
-        return self.final_head(self.final_features(h))
+        scores: Tensor = self.final_head(self.final_features(h))  # (B, num_classes)
+        return scores
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.blocks.parameters()]

@@ -19,6 +19,8 @@ methods share the same LayerNorm).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -60,7 +62,7 @@ def ln_jvp(x: Tensor, mean: Tensor, rstd: Tensor, t: Tensor, groups: int) -> Ten
     xg = x.reshape(*x.shape[:-1], groups, d)
     if t.dim() == x.dim():
         tg = t.reshape(xg.shape)
-        out = torch.ops.aten.native_layer_norm_backward(
+        out: Tensor = torch.ops.aten.native_layer_norm_backward(
             tg, xg, (d,), mean, rstd, None, None, [True, False, False])[0]
         return out.reshape(x.shape)
     k = t.shape[0]
@@ -72,9 +74,9 @@ def ln_jvp(x: Tensor, mean: Tensor, rstd: Tensor, t: Tensor, groups: int) -> Ten
     xs = xg.expand(k, *xg.shape).reshape(k * xg.shape[0], *xg.shape[1:])
     ms = mean.expand(k, *mean.shape).reshape(k * mean.shape[0], *mean.shape[1:])
     rs = rstd.expand(k, *rstd.shape).reshape(k * rstd.shape[0], *rstd.shape[1:])
-    out = torch.ops.aten.native_layer_norm_backward(
+    out_k: Tensor = torch.ops.aten.native_layer_norm_backward(
         t.reshape(xs.shape), xs, (d,), ms, rs, None, None, [True, False, False])[0]
-    return out.reshape(t.shape)
+    return out_k.reshape(t.shape)
 
 
 class _LocalLayerNorm(torch.autograd.Function):
@@ -83,11 +85,11 @@ class _LocalLayerNorm(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+    def forward(x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
         return ln_stats(x, groups)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         x, groups = inputs
         _, mean, rstd = output
         ctx.groups = groups
@@ -96,16 +98,17 @@ class _LocalLayerNorm(torch.autograd.Function):
         ctx.save_for_forward(x, mean, rstd)
 
     @staticmethod
-    def backward(ctx, grad: Tensor, *_unused: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor, *_unused: Tensor) -> tuple[Tensor, None]:
         x, mean, rstd = ctx.saved_tensors
         return ln_jvp(x, mean, rstd, grad.contiguous(), ctx.groups), None
 
     @staticmethod
-    def jvp(ctx, tangent: Tensor, _groups: None):  # type: ignore[override]
+    def jvp(ctx: Any, tangent: Tensor, _groups: None) -> tuple[Tensor, None, None]:
         x, mean, rstd = ctx.saved_tensors
         return ln_jvp(x, mean, rstd, tangent.contiguous(), ctx.groups), None, None
 
 
 def local_layer_norm(x: Tensor, groups: int = 1) -> Tensor:
     """LayerNorm of the LocalMixer layers: :func:`layer_norm`'s values, faster on CPU."""
-    return _LocalLayerNorm.apply(x, groups)[0]
+    y: Tensor = _LocalLayerNorm.apply(x, groups)[0]  # type: ignore[no-untyped-call]
+    return y

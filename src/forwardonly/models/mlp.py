@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from . import register_model
+from . import check_sizes, register_model
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
@@ -33,11 +33,11 @@ def mlp(in_shape: tuple[int, ...], num_classes: int, *, widths: Sequence[int] = 
         activation: one of ``relu, gelu, tanh, sigmoid, silu, leaky_relu``.
     """
     widths = list(widths)
-    if any(int(w) < 1 for w in widths):
+    if any(int(w) != w or w < 1 for w in widths):
         raise ValueError(f"widths must be positive integers, got {widths}")
     fan_in = 1
-    for s in in_shape:
-        fan_in *= int(s)
+    for s in check_sizes(in_shape, num_classes, image=False):
+        fan_in *= s
     layers: list[nn.Module] = [nn.Flatten()]
     for w in widths:
         layers += [nn.Linear(fan_in, int(w)), make_activation(activation)]
