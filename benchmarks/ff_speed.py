@@ -72,10 +72,10 @@ class LibraryFF:
     """The library's FF network and estimator with Adam, the same work as :class:`PlainFF`."""
 
     def __init__(self, widths: list[int], precision: str) -> None:
-        self.model = build_model("ff-mlp", (1, 28, 28), 10, widths=widths, ff_mode="supervised",
-                                 ff_readout="goodness", ff_precision=precision, seed=0)
+        self.model = build_model("ff-mlp", (1, 28, 28), 10, widths=widths, mode="supervised",
+                                 readout="goodness", precision=precision, seed=0)
         self.est = make_estimator("ff", self.model, F.cross_entropy, seed=0,
-                                  ff_negatives="random", ff_peer_weight=0.0)
+                                  negatives="random", peer_weight=0.0)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -204,7 +204,7 @@ def test_hybrid_images_mix_two_different_images_pixelwise():
 )
 def test_step_gradients_equal_autograd_of_each_layers_own_objective(mode, negatives, kw):
     net = small_net(mode, **kw)
-    est = ForwardForward(net, ff_negatives=negatives, ff_peer_weight=0.0, ff_temperature=4.0)
+    est = ForwardForward(net, negatives=negatives, peer_weight=0.0, temperature=4.0)
     x, y = batch()
     losses = est.local_objectives(x, y)
     est.step(x, y)
@@ -216,7 +216,7 @@ def test_step_gradients_equal_autograd_of_each_layers_own_objective(mode, negati
 
 def test_symmetric_loss_gradients_equal_autograd():
     net = small_net()
-    est = ForwardForward(net, ff_loss="symmetric", ff_peer_weight=0.0, ff_temperature=8.0)
+    est = ForwardForward(net, loss="symmetric", peer_weight=0.0, temperature=8.0)
     x, y = batch()
     losses = est.local_objectives(x, y)
     est.step(x, y)
@@ -227,7 +227,7 @@ def test_symmetric_loss_gradients_equal_autograd():
 
 def test_stepping_only_layer_l_plus_1_leaves_layer_l_unchanged():
     net = small_net()
-    est = ForwardForward(net, ff_peer_weight=0.0)
+    est = ForwardForward(net, peer_weight=0.0)
     x, y = batch()
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -249,7 +249,7 @@ def test_a_layers_update_does_not_depend_on_the_layers_above():
             with torch.no_grad():
                 net.layers[2].weight.mul_(-3.0).add_(1.0)
                 net.layers[2].bias.fill_(5.0)
-        ForwardForward(net, ff_negatives="random").step(x, y)
+        ForwardForward(net, negatives="random").step(x, y)
         grads.append([p.grad.clone() for p in net.layers[:2].parameters()])
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
@@ -258,10 +258,10 @@ def test_a_layers_update_does_not_depend_on_the_layers_above():
 def test_peer_normalization_pulls_units_towards_the_layer_mean_activity():
     x, y = batch()
     plain, peer = small_net(), small_net()  # same weights
-    ForwardForward(plain, ff_peer_weight=0.0).step(x, y)
+    ForwardForward(plain, peer_weight=0.0).step(x, y)
     with torch.no_grad():
         peer.layers[0].mean_activity.copy_(torch.linspace(0.0, 1.0, 32))
-    ForwardForward(peer, ff_peer_weight=0.5).step(x, y)
+    ForwardForward(peer, peer_weight=0.5).step(x, y)
     m = peer.layers[0].mean_activity  # already updated with this batch
     h_pos = peer.layers[0](peer.embed(peer.flatten(x), y))
     torch.testing.assert_close(m, 0.9 * torch.linspace(0.0, 1.0, 32) + 0.1 * h_pos.mean(0), **TOL)
@@ -273,8 +273,8 @@ def test_peer_normalization_pulls_units_towards_the_layer_mean_activity():
 # -- the estimator interface ---------------------------------------------------------------
 def test_registered_and_built_by_name():
     assert "ff" in ESTIMATORS and "ff-mlp" in MODELS
-    net = build_model("ff-mlp", (1, 8, 8), 10, widths=(16, 16), ff_goodness="mean")
-    est = make_estimator("ff", net, F.cross_entropy, seed=3, ff_negatives="random")
+    net = build_model("ff-mlp", (1, 8, 8), 10, widths=(16, 16), goodness="mean")
+    est = make_estimator("ff", net, F.cross_entropy, seed=3, negatives="random")
     x, y = batch()
     stats = est.step(x, y)
     assert set(stats) >= {"loss", "pair_error", "loss_layer0", "loss_layer1"}
@@ -286,10 +286,10 @@ def test_registered_and_built_by_name():
 def test_configuration_errors_are_clear():
     with pytest.raises(TypeError, match="--model ff-mlp"):
         ForwardForward(torch.nn.Linear(3, 3))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="ff_mode='unsupervised'"):
-        ForwardForward(small_net(), ff_negatives="hybrid")
-    with pytest.raises(ValueError, match="ff_negatives"):
-        ForwardForward(small_net("unsupervised"), ff_negatives="hard")
+    with pytest.raises(ValueError, match="mode='unsupervised'"):
+        ForwardForward(small_net(), negatives="hybrid")
+    with pytest.raises(ValueError, match="--ff-negatives"):
+        ForwardForward(small_net("unsupervised"), negatives="hard")
     with pytest.raises(ValueError, match="ff_readout='softmax'"):
         small_net("unsupervised", readout="goodness")
     with pytest.raises(ValueError, match="built for inputs of shape"):
@@ -392,7 +392,7 @@ def test_bfloat16_products_give_nearly_the_float32_step():
     grads = {}
     for precision in ("float32", "bfloat16"):
         net = FFNet((1, 8, 8), 10, (64, 64), precision=precision, seed=0)
-        ForwardForward(net, ff_negatives="random", ff_temperature=8.0).step(x, y)
+        ForwardForward(net, negatives="random", temperature=8.0).step(x, y)
         grads[precision] = [p.grad for p in net.layers.parameters()]
     for a, b in zip(grads["float32"], grads["bfloat16"], strict=True):
         # bfloat16 keeps 8 mantissa bits: 2^-8 relative per operand; 5% over a whole tensor

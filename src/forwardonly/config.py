@@ -270,7 +270,8 @@ METHOD_OPTIONS = ("directions", "distribution", "epsilon", "freeze_backbone", "f
                   "ff_temperature", "ff_loss", "ff_negatives", "ff_peer_weight",
                   "ff_blur_steps")
 # Config names whose parameter is spelled differently (the FF options drop their prefix).
-PARAM_NAMES: dict[str, str] = {}
+PARAM_NAMES: dict[str, str] = {name: name.removeprefix("ff_") for name in (
+    *MODEL_OPTIONS, *METHOD_OPTIONS) if name.startswith("ff_")}
 
 
 def param_name(field_name: str) -> str:

@@ -94,14 +94,14 @@ class ForwardForward(Estimator):
         model: an ``FFNet`` (``--model ff-mlp``).
         loss_fn: loss of the softmax readout, ``loss_fn(logits, targets)``; cross-entropy.
         seed: seed of the negatives (wrong labels, hybrid masks), mixed with the step index.
-        ff_threshold: goodness threshold θ of every layer; default: the layer width for sum
+        threshold: goodness threshold θ of every layer; default: the layer width for sum
             goodness, 1 for mean goodness (mean square activity 1 per unit).
-        ff_temperature: T in the logit ``(G − θ)/T``.
-        ff_loss: ``"softplus"`` (threshold logistic loss) or ``"symmetric"`` (``G⁺ − G⁻``).
-        ff_negatives: ``"random"`` or ``"hard"`` wrong labels (supervised), ``"hybrid"``
+        temperature: T in the logit ``(G − θ)/T``.
+        loss: ``"softplus"`` (threshold logistic loss) or ``"symmetric"`` (``G⁺ − G⁻``).
+        negatives: ``"random"`` or ``"hard"`` wrong labels (supervised), ``"hybrid"``
             images (unsupervised); default ``"hard"`` / ``"hybrid"`` by the model's mode.
-        ff_peer_weight: λ of peer normalization (0 turns it off).
-        ff_blur_steps: blur rounds of the hybrid-image masks.
+        peer_weight: λ of peer normalization (0 turns it off).
+        blur_steps: blur rounds of the hybrid-image masks.
     """
 
     def __init__(
@@ -110,12 +110,12 @@ class ForwardForward(Estimator):
         loss_fn: LossFn = F.cross_entropy,
         *,
         seed: int = 0,
-        ff_threshold: float | None = None,
-        ff_temperature: float = 1.0,
-        ff_loss: LossKind = "softplus",
-        ff_negatives: str | None = None,
-        ff_peer_weight: float = 0.03,
-        ff_blur_steps: int = 10,
+        threshold: float | None = None,
+        temperature: float = 1.0,
+        loss: LossKind = "softplus",
+        negatives: str | None = None,
+        peer_weight: float = 0.03,
+        blur_steps: int = 10,
     ) -> None:
         if not isinstance(model, FFNet):
             raise TypeError(
@@ -123,34 +123,35 @@ class ForwardForward(Estimator):
                 f"--model ff-mlp (forwardonly.ff.FFNet), got {type(model).__name__}"
             )
         super().__init__(model, loss_fn, seed=seed)
-        check_loss_kind(ff_loss)
-        if ff_temperature <= 0:
-            raise ValueError(f"ff_temperature must be > 0, got {ff_temperature}")
-        if ff_peer_weight < 0:
-            raise ValueError(f"ff_peer_weight must be >= 0, got {ff_peer_weight}")
-        if ff_blur_steps < 0:
-            raise ValueError(f"ff_blur_steps must be >= 0, got {ff_blur_steps}")
-        negatives = ff_negatives or ("hard" if model.supervised else "hybrid")
+        check_loss_kind(loss)
+        if temperature <= 0:
+            raise ValueError(f"temperature (--ff-temperature) must be > 0, got {temperature}")
+        if peer_weight < 0:
+            raise ValueError(f"peer_weight (--ff-peer-weight) must be >= 0, got {peer_weight}")
+        if blur_steps < 0:
+            raise ValueError(f"blur_steps (--ff-blur-steps) must be >= 0, got {blur_steps}")
+        negatives = negatives or ("hard" if model.supervised else "hybrid")
         if negatives not in NEGATIVES:
             raise ValueError(
-                f"ff_negatives must be one of 'random', 'hard', 'hybrid', got {negatives!r}"
+                f"negatives (--ff-negatives) must be one of 'random', 'hard', 'hybrid', got "
+                f"{negatives!r}"
             )
         if (negatives == "hybrid") == model.supervised:
             need = "'random' or 'hard'" if model.supervised else "'hybrid'"
             raise ValueError(
-                f"a {model.mode} FF network takes ff_negatives={need}, got {negatives!r}; "
-                "hybrid-image negatives go with ff_mode='unsupervised', wrong-label negatives "
-                "with ff_mode='supervised'"
+                f"a {model.mode} FF network takes negatives={need} (--ff-negatives), got {negatives!r}; "
+                "hybrid-image negatives go with mode='unsupervised' (--ff-mode), wrong-label negatives "
+                "with mode='supervised'"
             )
         self.model: FFNet = model
         self.negatives = negatives
-        self.loss_kind: LossKind = ff_loss
-        self.temperature = float(ff_temperature)
-        self.peer_weight = float(ff_peer_weight)
-        self.blur_steps = int(ff_blur_steps)
+        self.loss_kind: LossKind = loss
+        self.temperature = float(temperature)
+        self.peer_weight = float(peer_weight)
+        self.blur_steps = int(blur_steps)
         self.thresholds = [
-            float(ff_threshold)
-            if ff_threshold is not None
+            float(threshold)
+            if threshold is not None
             else default_threshold(model.goodness, layer.out_features)
             for layer in model.layers
         ]

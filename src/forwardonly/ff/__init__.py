@@ -6,7 +6,7 @@ Goodness, negative data, label embedding, the network (registered as the model
 
     from forwardonly import FFNet, ForwardForward
     net = FFNet((1, 28, 28), 10, widths=(2000, 2000, 2000, 2000))
-    est = ForwardForward(net, ff_negatives="hard")
+    est = ForwardForward(net, negatives="hard")
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     for x, y in loader:
         opt.zero_grad()
