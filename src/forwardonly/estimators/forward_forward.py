@@ -139,9 +139,9 @@ class ForwardForward(Estimator):
         if (negatives == "hybrid") == model.supervised:
             need = "'random' or 'hard'" if model.supervised else "'hybrid'"
             raise ValueError(
-                f"a {model.mode} FF network takes negatives={need} (--ff-negatives), got {negatives!r}; "
-                "hybrid-image negatives go with mode='unsupervised' (--ff-mode), wrong-label negatives "
-                "with mode='supervised'"
+                f"a {model.mode} FF network takes negatives={need} (--ff-negatives), got "
+                f"{negatives!r}; hybrid-image negatives go with mode='unsupervised' (--ff-mode), "
+                "wrong-label negatives with mode='supervised'"
             )
         self.model: FFNet = model
         self.negatives = negatives
