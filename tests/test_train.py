@@ -374,3 +374,25 @@ def test_an_exploding_loss_is_warned_about(tmp_path):
     quiet = []
     fit(cfg(tmp_path / "ok", epochs=2, method="bp", lr=1e-2), log=quiet.append)
     assert not any("warning" in line for line in quiet)
+
+
+def test_train_params_freezes_every_other_parameter(tmp_path):
+    result = fit(cfg(tmp_path, epochs=1, method="bp", widths=[8, 8], train_params=["3.*"]),
+                 log=lambda s: None)
+    trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trained == {"3.weight", "3.bias"}
+    with pytest.raises(ConfigError, match="'enc.*' matches no parameter.*1.weight"):
+        fit(cfg(tmp_path / "b", epochs=1, train_params=["enc.*"]), log=lambda s: None)
+
+
+def test_train_subset_keeps_k_examples_per_class_from_the_seed(tmp_path):
+    from forwardonly.train.builders import class_subset
+
+    y = torch.tensor([0, 1, 1, 0, 2, 1, 0, 0, 2])
+    keep = class_subset(y, 2, seed=3)
+    assert torch.equal(torch.bincount(y[keep]), torch.tensor([2, 2, 2]))
+    assert torch.equal(keep, class_subset(y, 2, seed=3)) and keep.tolist() == sorted(keep)
+    assert any(not torch.equal(keep, class_subset(y, 2, seed=s)) for s in range(4, 10))
+    result = fit(cfg(tmp_path, epochs=1, method="bp", train_subset=5), log=lambda s: None)
+    assert result.rows[0]["samples_per_s"] > 0
+    assert result.rows[0]["train_error"] * 50 == round(result.rows[0]["train_error"] * 50)

@@ -48,6 +48,10 @@ class TrainConfig:
     augment: list[str] = _f([], "Training augmentation, applied in order: hflip (mirror "
                             "left-right with probability 1/2), shift (translate by up to 2 "
                             "pixels, edges repeated).")
+    max_length: int = _f(128, "Text datasets: tokens per example at most (longer texts are "
+                         "cut); batches are padded only to their longest example.")
+    train_subset: int | None = _f(None, "Train on K examples per class, drawn from the seed "
+                                  "(MeZO's few-shot setting); unset: the whole training set.")
     # model
     model: str = _f("mlp", "Model: mlp, cnn (and any other registered model).")
     widths: list[int] = _f([256, 256], "MLP hidden widths, e.g. --widths 1024 1024.")
@@ -60,12 +64,22 @@ class TrainConfig:
     patches: int | None = _f(None, "LocalMixer: override the preset's patches per side.")
     width: int | None = _f(None, "LocalMixer: override the preset's channel count.")
     groups: int | None = _f(None, "LocalMixer: override the preset's channel groups.")
+    model_path: str | None = _f(None, "Model hf: the directory of a Hugging Face encoder "
+                                "(config, weights and tokenizer files), read with no network.")
+    train_params: list[str] = _f([], "Train only the parameters whose names match one of these "
+                                 "patterns (fnmatch globs, e.g. 'encoder.layer.5.*' 'head.*'); "
+                                 "the others stay frozen. Unset: every parameter.")
     # method
     method: str = _f("fg-w", "How gradients are obtained: bp (backprop), fg-w (forward "
                      "gradient, weight perturbation), fg-sign, zo (zeroth order / MeZO), "
                      "zo-sign, and every other registered estimator.")
     directions: int = _f(1, "K: random directions averaged per step (fg-*, zo*).")
     distribution: str = _f("gaussian", "Direction distribution: gaussian, rademacher, rank1.")
+    direction_rank: int = _f(4, "Rank r of the lowrank directions (--distribution lowrank): "
+                             "V = B Aᵀ/√r per weight matrix, still E[vvᵀ] = I.")
+    exact_head: bool = _f(False, "zo, fg-w: train the model's linear head with its exact "
+                          "gradient (it needs only the pooled features, no backprop into the "
+                          "encoder) and perturb only the rest.")
     epsilon: float = _f(1e-3, "Perturbation size for zeroth-order methods.")
     freeze_backbone: bool = _f(False, "Local methods: train only the linear heads (the "
                                "backbone stays at its initialization) — a baseline.")
@@ -162,7 +176,8 @@ class TrainConfig:
         one_of("schedule", self.schedule, ("cosine", "constant", "half-linear"))
         for name in self.augment:
             one_of("augment", name, ("hflip", "shift"))
-        for name in ("directions", "batch_size", "epochs", "eval_batch_size"):
+        for name in ("directions", "batch_size", "epochs", "eval_batch_size", "max_length",
+                     "direction_rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1; got {getattr(self, name)}")
         for name in ("lr", "epsilon", "head_lr_scale"):
@@ -193,7 +208,7 @@ class TrainConfig:
                             f"is an option of optimizer sgd); drop it")
         if self.warmup_epochs > self.epochs:
             problems.append(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
-        for name in ("train_eval_size", "stop_after"):
+        for name in ("train_eval_size", "stop_after", "train_subset"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 problems.append(f"{name} must be at least 1 when set; got {v}")
@@ -263,12 +278,12 @@ class TrainConfig:
 
 # Settings that belong to a model or a method: passed only to the ones whose signature takes
 # them (under the parameter name of ``param_name``), and rejected when set for others.
-MODEL_OPTIONS = ("widths", "activation", "channels", "preset", "blocks", "patches", "width",
-                 "groups", "ff_mode", "ff_goodness", "ff_readout", "ff_readout_from",
-                 "ff_label_scale", "ff_normalize_input", "ff_precision")
-METHOD_OPTIONS = ("directions", "distribution", "epsilon", "freeze_backbone", "ff_threshold",
-                  "ff_temperature", "ff_loss", "ff_negatives", "ff_peer_weight",
-                  "ff_blur_steps")
+MODEL_OPTIONS = ("model_path", "widths", "activation", "channels", "preset", "blocks",
+                 "patches", "width", "groups", "ff_mode", "ff_goodness", "ff_readout",
+                 "ff_readout_from", "ff_label_scale", "ff_normalize_input", "ff_precision")
+METHOD_OPTIONS = ("directions", "distribution", "direction_rank", "exact_head", "epsilon",
+                  "freeze_backbone", "ff_threshold", "ff_temperature", "ff_loss", "ff_negatives",
+                  "ff_peer_weight", "ff_blur_steps")
 # Config names whose parameter is spelled differently (the FF options drop their prefix).
 PARAM_NAMES: dict[str, str] = {name: name.removeprefix("ff_") for name in (
     *MODEL_OPTIONS, *METHOD_OPTIONS) if name.startswith("ff_")}

@@ -35,6 +35,7 @@ from forwardonly.data.idx import DataError, Splits, load_idx
 
 __all__ = [
     "DATASETS",
+    "TEXT_DATASETS",
     "resolve_data_dir",
     "DATA_ENV",
     "DataError",
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "kmnist", "cifar10")
+TEXT_DATASETS: tuple[str, ...] = ()  # tokenized with the model's tokenizer
 DATA_ENV = "FORWARDONLY_DATA"  # default data root when data_dir is None
 
 _LOADERS: dict[str, Callable[[Path], Splits]] = {

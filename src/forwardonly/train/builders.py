@@ -7,16 +7,19 @@ and :meth:`TrainConfig.method_options`: each takes exactly the settings its sign
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import ConfigError, TrainConfig
 from ..data import Dataset
 from ..estimators import Estimator, make_estimator
 from ..models import build_model
+from ..seeding import mix_seed
 from .schedule import lr_schedule
 
 
@@ -29,6 +32,7 @@ def build_model_for(config: TrainConfig, data: Dataset) -> nn.Module:
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot build --model {config.model} for {data.name} "
                           f"{data.in_shape}: {exc}") from exc
+    freeze_except(model, config.train_params)
     return model.to(config.device)
 
 
@@ -89,3 +93,56 @@ def make_schedule(config: TrainConfig, opt: torch.optim.Optimizer, steps_per_epo
     """Warmup over ``warmup_epochs``, then ``schedule`` over the rest of ``epochs``."""
     return lr_schedule(opt, config.epochs * steps_per_epoch,
                        round(config.warmup_epochs * steps_per_epoch), config.schedule)
+
+
+def freeze_except(model: nn.Module, patterns: list[str]) -> None:
+    """Keep ``requires_grad`` only on parameters whose names match one of ``patterns``
+    (``fnmatch`` globs); every estimator perturbs and updates only those. A pattern that
+    matches nothing is an error naming the parameters there are."""
+    if not patterns:
+        return
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    if unmatched:
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise ConfigError(f"--train-params {' '.join(repr(p) for p in unmatched)} matches no "
+                          f"parameter of --model; its parameters are named {shown}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
+
+
+def class_subset(y: Tensor, per_class: int, seed: int) -> Tensor:
+    """Indices of ``per_class`` examples of every class of ``y``, drawn from ``seed`` (all of
+    a class that has fewer), in their original order."""
+    gen = torch.Generator().manual_seed(mix_seed(seed, 2))
+    keep = []
+    for c in torch.unique(y).tolist():
+        members = torch.nonzero(y == c).flatten()
+        keep.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return torch.cat(keep).sort().values
+
+
+def load_data(config: TrainConfig) -> Dataset:
+    """The config's data as training sees it: loaded (text tokenized with the model's
+    tokenizer), cut to ``train_subset`` examples per class, images standardized."""
+    from ..data import load_dataset, standardize
+
+    data = load_dataset(config.dataset, config.data_dir, **text_options(config))
+    if config.train_subset is not None:
+        keep = class_subset(data.train_y, config.train_subset, config.seed)
+        data = dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
+    if config.standardize and data.train_x.is_floating_point():  # images, not token ids
+        data = standardize(data)
+    return data
+
+
+def text_options(config: TrainConfig) -> dict[str, Any]:
+    """What a text dataset needs to tokenize: the model's tokenizer and the length limit."""
+    from ..data import TEXT_DATASETS
+
+    if config.dataset not in TEXT_DATASETS:
+        return {}
+    from ..models.text import load_tokenizer
+
+    return {"tokenizer": load_tokenizer(config.model, config.model_path),
+            "max_length": config.max_length}

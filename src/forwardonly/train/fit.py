@@ -31,12 +31,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, TrainConfig
-from ..data import load_dataset, resolve_data_dir, standardize
+from ..data import resolve_data_dir
 from ..data.augment import augmenter
 from ..estimators import Estimator
 from ..seeding import mix_seed
 from . import checkpoint, records
-from .builders import build_model_for, estimator_for, make_optimizer, make_schedule
+from .builders import (
+    build_model_for,
+    estimator_for,
+    load_data,
+    make_optimizer,
+    make_schedule,
+)
 from .run_dir import CHECKPOINT, load_model_state, plan_run
 from .worker import LocalWorker, Worker
 
@@ -110,11 +116,9 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
                                  data_dir=config.data_dir or planned.data_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    data = load_dataset(config.dataset, config.data_dir)
+    data = load_data(config)
     config = dataclasses.replace(config, data_dir=resolve_data_dir(config.dataset,
                                                                    config.data_dir))
-    if config.standardize:
-        data = standardize(data)
     with _memory_errors(config):
         model = build_model_for(config, data)
         state: dict[str, Any] | None = None

@@ -103,16 +103,13 @@ def load_run(run_dir: str | Path, *, data_dir: str | None = None, device: str = 
     """A finished (or stopped) run: ``(config, data, model, estimator, checkpoint state)``,
     its data as the run saw it (standardized if it was), its model with the checkpoint's
     weights."""
-    from ..data import load_dataset, standardize
-    from .builders import build
+    from .builders import build, load_data
 
     run_dir = Path(run_dir)
     config = saved_config(run_dir)
     config = dataclasses.replace(config, device=device, data_dir=data_dir or config.data_dir)
     config.validate()
-    data = load_dataset(config.dataset, config.data_dir)
-    if config.standardize:
-        data = standardize(data)
+    data = load_data(config)
     model, est = build(config, data)
     state = checkpoint.load(run_dir / CHECKPOINT, map_location=device)
     load_model_state(model, state["model"], run_dir / CHECKPOINT)
