@@ -155,6 +155,9 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
             row = run_epoch(config, worker, opt, sched, train_x, train_y, epoch, run_dir, watch)
             row["train_error"] = worker.error_rate(data.train_x[:n_eval],
                                                    data.train_y[:n_eval], config.eval_batch_size)
+            if getattr(data, "val_x", None) is not None:  # the split to choose settings on
+                row["val_error"] = worker.error_rate(data.val_x, data.val_y,
+                                                     config.eval_batch_size)
             row["test_error"] = worker.error_rate(data.test_x, data.test_y,
                                                   config.eval_batch_size)
         rows.append(row)
@@ -174,8 +177,10 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
                 records.write_metrics(run_dir, rows)
                 records.plot_curves(run_dir, rows,
                                     f"{config.method} on {config.dataset} ({config.model})")
+        val = f"val err {100 * row['val_error']:.2f}%  " if "val_error" in row else ""
         log(f"epoch {epoch}/{config.epochs}  loss {row['train_loss']:.4f}  "
-            f"train err {100 * row['train_error']:.2f}%  test err {100 * row['test_error']:.2f}%  "
+            f"train err {100 * row['train_error']:.2f}%  {val}"
+            f"test err {100 * row['test_error']:.2f}%  "
             f"({row['seconds']:.1f}s, {row['samples_per_s']:.0f} samples/s)")
     return RunResult(run_dir, rows, worker.module, worker.estimator)
 

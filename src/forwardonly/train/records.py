@@ -61,6 +61,8 @@ def plot_curves(run_dir: Path, rows: list[dict[str, Any]], title: str) -> None:
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="train loss (mean over the epoch)", title="loss")
     ax_err.plot(epochs, [100 * r["train_error"] for r in rows], marker="o", label="train")
+    if all("val_error" in r for r in rows):
+        ax_err.plot(epochs, [100 * r["val_error"] for r in rows], marker="o", label="validation")
     ax_err.plot(epochs, [100 * r["test_error"] for r in rows], marker="o", label="test")
     ax_err.set(xlabel="epoch", ylabel="error (%)", title="error")
     ax_err.legend()
