@@ -146,8 +146,7 @@ class Group:
             raise RuntimeError("a torch.distributed process group is already initialized in "
                                "this process; train one distributed run per process")
         Group._opened += 1
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self._keys = f"forwardonly/{restart}/{Group._opened}/"
+        self._keys = f"forwardonly/{Group._opened}/"
         timeout = timedelta(seconds=self.timeout)
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         if self.backend == "nccl":
@@ -156,7 +155,10 @@ class Group:
             # outlives the timeout instead of letting it hang (the default on recent torch)
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         try:
-            self.store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+            # torchrun's agent keeps its store across --max-restarts: each attempt's keys apart
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            self.store = dist.PrefixStore(f"attempt/{restart}", store)
             dist.init_process_group(self.backend, store=self.store, rank=self.rank,
                                     world_size=self.world_size, timeout=timeout,
                                     device_id=self.device if self.backend == "nccl" else None)
