@@ -1,26 +1,18 @@
 """Seed-synchronized data parallelism: every rank a shard of the batch, only scalars travel.
 
-All ranks see the same shuffled global batch of N examples (the epoch's permutation comes from
-the seed) and take a contiguous shard of ``n_r`` examples (sizes differ by at most one). The
-loss is a mean, so the full batch's directional derivative along ``v_k`` is
+Every rank is handed the same global batch of N examples and takes a contiguous shard of
+``n_r``. The loss is a mean, so along a direction ``v_k`` drawn on every rank from the same
+``(seed, step, tensor)``:
 
     d_k = ∇L_N · v_k = Σ_r (n_r / N) ∇L_r · v_k = Σ_r (n_r / N) d_{k,r}
 
-and ``v_k`` is drawn on every rank from the same ``(seed, step, tensor)``: each rank computes
-its own ``d_{·,r}`` (K numbers) and the loss, one all-gather of those K + 1 numbers per step
-gives every rank all of them, and every rank sums them in float64 in the same order. So
-every rank forms the same estimate ``g = (1/K) Σ_k c(d_k) v_k`` from the same bits and takes
-the same optimizer step: the parameters stay bit-identical without ever being sent, and the
-payload per step is ``(K + 1) · 4`` bytes per rank instead of the ``4 P`` bytes of a gradient.
-(An all-gather rather than an all-reduce makes the summation order the code's, not the
-backend's.) Zeroth order (``zo``, ``zo-sign``) works the same way with the K loss
-differences, sent in float64.
-
-Estimators without the scalar hook fall back to averaging gradients: backprop through
-``DistributedDataParallel`` (the baseline: its gradient buckets are all-reduced during the
-backward pass), any other estimator by one all-reduce of its flattened gradient after the
-step. Both weight rank ``r``'s gradient by ``n_r / N``, so the result is again the gradient
-estimate of the full batch.
+One all-gather of each rank's K + 1 numbers (its ``d_{·,r}`` and loss) per step, summed in
+float64 in rank order on every rank, gives every rank the same ``g = (1/K) Σ_k c(d_k) v_k``
+from the same bits: the parameters stay bit-identical without ever being sent, ``(K + 1)·4``
+bytes per rank and step instead of a gradient's ``4 P``. Zeroth order (``zo``, ``zo-sign``)
+sends its K loss differences the same way (float64). Other estimators average gradients with
+the weights ``n_r / N``: backprop through ``DistributedDataParallel`` (the baseline), any
+other by one all-reduce of its flattened gradient after the step.
 """
 
 from __future__ import annotations
@@ -33,7 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..estimators import Backprop, Estimator
+from ..estimators import Backprop
+from ..train.worker import MakeEstimator, error_rate
 from .group import Group, RankWorker, nbytes, tensor_digest
 
 
@@ -77,22 +70,20 @@ class DataParallelWorker(RankWorker):
     :class:`~forwardonly.train.Worker`.
 
     Arguments:
-        group: this rank's :class:`Group` (opened by :meth:`start`).
+        device: the configured device (``cpu``: gloo; ``cuda``: nccl on ``cuda:LOCAL_RANK``).
+        timeout: ``dist_timeout`` in seconds.
     """
 
-    def __init__(self, group: Group) -> None:
-        super().__init__(group)
+    def __init__(self, device: str = "cpu", timeout: float = 60.0) -> None:
+        super().__init__(device, timeout)
         self.weight = 1.0  # this rank's share n_r / N of the current batch
-        self.kind = ""
 
-    def attach(self, model: nn.Module, make_estimator: Any) -> None:
-        g = self.group
-        self._module = model.to(g.device)
-        self.est: Estimator = make_estimator(self._module)
-        self._est = self.est
+    def attach(self, model: nn.Module, make_estimator: MakeEstimator) -> None:
+        self._module = model.to(self.device)
+        self.est = self._est = make_estimator(self._module)
         if hasattr(type(self.est), "reduce"):  # fg-w, fg-sign, zo, zo-sign
             self.kind = "scalar"
-            self.reducer = ShardReducer(g)
+            self.reducer = ShardReducer(self)
             self.est.reduce = self.reducer  # type: ignore[attr-defined]
         elif isinstance(self.est, Backprop):
             self.kind = "ddp"
@@ -100,49 +91,39 @@ class DataParallelWorker(RankWorker):
             no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                        inspect.signature(DistributedDataParallel).parameters
                        else {"broadcast_buffers": False})
-            with g.watch("DistributedDataParallel set-up"):
+            with self.watch("DistributedDataParallel set-up"):
                 ddp = DistributedDataParallel(
                     self._module, **no_sync,
-                    device_ids=[g.device] if g.device.type == "cuda" else None)
+                    device_ids=[self.device] if self.device.type == "cuda" else None)
             ddp.register_comm_hook(self, _weighted_all_reduce)
             self._est = Backprop(ddp, self.est.loss_fn, seed=self.est.seed)
         else:
             self.kind = "gradients"
 
-    @property
-    def module(self) -> nn.Module:
-        return self._module
-
-    @property
-    def estimator(self) -> Estimator:
-        return self._est
-
     def describe(self) -> str:
         n = sum(p.numel() for p in self._module.parameters() if p.requires_grad)
-        how = {"scalar": f"{self.est.directions + 1} numbers per step travel"  # type: ignore
-               if hasattr(self.est, "directions") else "scalars travel",
-               "ddp": "DistributedDataParallel", "gradients": "gradients all-reduced"}
-        return (f"data-parallel {self.est.name} on {self.group.world_size} ranks "
-                f"({self.group.backend}; {how[self.kind]}), {n:,} trainable parameters")
+        how = {"scalar": "only directional derivatives travel", "ddp": "DDP",
+               "gradients": "gradients all-reduced"}[self.kind]
+        return (f"data-parallel {self.est.name} on {self.world_size} ranks "
+                f"({self.backend}; {how}), {n:,} trainable parameters")
 
     # -- one training step -------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """One step on the global batch ``(x, y)``: this rank takes its shard; the stats
         returned are the global batch's."""
-        g = self.group
-        sizes = shard_sizes(len(x), g.world_size)
-        lo, hi = shard_bounds(len(x), g.rank, g.world_size)
+        sizes = shard_sizes(len(x), self.world_size)
+        lo, hi = shard_bounds(len(x), self.rank, self.world_size)
         if hi == lo:  # an empty shard runs one example, with weight 0
             lo, hi = 0, 1
-        xb, yb = x[lo:hi].to(g.device), y[lo:hi].to(g.device)
-        self.weight = sizes[g.rank] / len(x)
+        xb, yb = x[lo:hi].to(self.device), y[lo:hi].to(self.device)
+        self.weight = sizes[self.rank] / len(x)
         label = f"step {self._est.steps_done + 1}"
         if self.kind == "scalar":
             self.reducer.sizes = sizes
             self.reducer.label = f"all-gather of the directional derivatives, {label}"
             return self.est.step(xb, yb)
         if self.kind == "ddp":
-            with g.watch(f"DDP gradient all-reduce, {label}"):
+            with self.watch(f"DDP gradient all-reduce, {label}"):
                 stats = self._est.step(xb, yb)
             return self._average(stats, [], f"all-reduce of the loss, {label}")
         stats = self.est.step(xb, yb)
@@ -156,8 +137,8 @@ class DataParallelWorker(RankWorker):
         dtype = params[0].grad.dtype if params else torch.float64
         flat = torch.cat([p.grad.reshape(-1) for p in params]
                          + [torch.tensor([stats[k] for k in keys], dtype=dtype,
-                                         device=self.group.device)])
-        flat = self.group.all_reduce(flat.mul_(self.weight), label)
+                                         device=self.device)])
+        flat = self.all_reduce(flat.mul_(self.weight), label)
         at = 0
         for p in params:
             p.grad.copy_(flat[at:at + p.numel()].view_as(p))
@@ -165,20 +146,11 @@ class DataParallelWorker(RankWorker):
         return dict(zip(keys, flat[at:].tolist(), strict=True))
 
     # -- the rest of the loop ----------------------------------------------------------------
-    @torch.no_grad()
     def error_rate(self, x: Tensor, y: Tensor, batch_size: int) -> float:
         """Fraction misclassified; each rank scores its shard, one all-reduce of the counts."""
-        g = self.group
-        lo, hi = shard_bounds(len(x), g.rank, g.world_size)
-        was_training = self._module.training
-        self._module.eval()
-        wrong = 0
-        for i in range(lo, hi, batch_size):
-            j = min(i + batch_size, hi)
-            xb, yb = x[i:j].to(g.device), y[i:j].to(g.device)
-            wrong += int((self.est.predict(xb).argmax(-1) != yb).sum().item())
-        self._module.train(was_training)
-        total = g.all_reduce(torch.tensor([wrong], dtype=torch.int64, device=g.device),
+        lo, hi = shard_bounds(len(x), self.rank, self.world_size)
+        wrong = round(error_rate(self.est, x[lo:hi], y[lo:hi], batch_size) * (hi - lo))
+        total = self.all_reduce(torch.tensor([wrong], dtype=torch.int64, device=self.device),
                              "the error count")
         return int(total.item()) / max(1, len(x))
 
@@ -186,15 +158,10 @@ class DataParallelWorker(RankWorker):
         # every rank holds the same .grad: the local norm is the global one
         torch.nn.utils.clip_grad_norm_(self._module.parameters(), max_norm)
 
-    def all_finite(self) -> bool:
-        ok = all(bool(torch.isfinite(p).all()) for p in self._module.parameters())
-        return self.all_true(ok, "the finiteness check")
-
     def end_epoch(self, epoch: int) -> None:
         """Raise if any rank's parameters differ (by a single bit) from rank 0's."""
-        g = self.group
         digest = tensor_digest(list(self._module.state_dict().values()))
-        digests = g.all_gather(torch.tensor([digest], dtype=torch.int64, device=g.device),
+        digests = self.all_gather(torch.tensor([digest], dtype=torch.int64, device=self.device),
                                f"the parameter check, epoch {epoch}").view(-1).tolist()
         bad = [r for r, h in enumerate(digests) if h != digests[0]]
         if bad:
@@ -219,6 +186,6 @@ def _weighted_all_reduce(worker, bucket):  # (DataParallelWorker, dist.GradBucke
     the hook's annotations against its own classes, so there are none.)"""
     buf = bucket.buffer()
     buf.mul_(worker.weight)
-    worker.group.count("all_reduce", nbytes(buf), nbytes(buf))
+    worker.count("all_reduce", nbytes(buf), nbytes(buf))
     fut = dist.all_reduce(buf, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])

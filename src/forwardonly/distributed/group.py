@@ -1,21 +1,12 @@
-"""One rank's process group: joined from torchrun's environment, counted, and diagnosed.
+"""One rank's process group, joined from torchrun's environment (``env://``).
 
-``torchrun --nproc-per-node N -m forwardonly train --distributed data ...`` gives each process
-``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. :class:`Group`
-joins the ``env://`` rendezvous and opens a ``torch.distributed`` process group on it —
-``gloo`` on CPU, ``nccl`` on CUDA (rank on ``cuda:LOCAL_RANK``) — whose collectives, sends
-and receives time out after ``dist_timeout`` seconds. Faults are torch's to handle:
-
-- a rank that **exits** (crash, kill, error) is noticed by torchrun's agent, which ends the
-  others at once and names it (and restarts the group under ``--max-restarts``);
-- a rank that **hangs or is stopped** makes the others' collective time out after
-  ``dist_timeout`` (gloo raises; nccl's watchdog aborts the process,
-  ``TORCH_NCCL_ASYNC_ERROR_HANDLING``).
-
-What torch does not say on gloo is *which* rank it was: a timed-out collective reports
-"Timed out waiting 60000ms", a closed one a peer's port. So when one of our calls fails,
-each rank checks in under a key in the rendezvous store and, for a few seconds, reads which
-ranks checked in; the ones that did not (or that left an error there) are named in a
+``gloo`` on CPU, ``nccl`` on CUDA (rank on ``cuda:LOCAL_RANK``); every collective, send and
+receive times out after ``dist_timeout`` seconds. Faults are torch's to handle: torchrun's
+agent ends the group when a rank exits and names it (restarting it under ``--max-restarts``);
+a hung or stopped rank makes the others' collectives time out (gloo raises; nccl's watchdog
+aborts the process). What gloo does not say is *which* rank it was ("Timed out waiting
+60000ms", a peer's port), so when one of our calls fails, each rank checks in under a key in
+the rendezvous store and names the ranks that did not (or that left their error there) in a
 :class:`RankFailure`. (``dist.monitored_barrier`` names a missing rank on rank 0 only, and
 fails without a name once a rank's connections are closed; the store reaches every rank.)
 """
@@ -25,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,9 +25,10 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import ConfigError
+from ..estimators import Estimator
 
 T = TypeVar("T")
 
@@ -76,16 +67,11 @@ def launch_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int, in
     if missing:
         raise ConfigError(f"--distributed needs the environment torchrun gives each process, "
                           f"but {', '.join(missing)} is not set; {LAUNCH_HINT}")
-    try:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local = int(env.get("LOCAL_RANK", env["RANK"]))
-    except ValueError as exc:
-        raise ConfigError(f"the torchrun environment holds a non-integer value ({exc}); "
-                          f"{LAUNCH_HINT}") from exc
-    if not (world >= 1 and 0 <= rank < world):
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} and WORLD_SIZE={world} do not describe a rank of a "
                           f"group; {LAUNCH_HINT}")
-    return rank, world, local
+    return rank, world, int(env.get("LOCAL_RANK", rank))
 
 
 def config_digest(values: Mapping[str, Any]) -> int:
@@ -115,14 +101,12 @@ class Group:
         device: the configured device: ``"cpu"`` (gloo) or ``"cuda"``/``"cuda:N"`` (nccl;
             each rank uses ``cuda:LOCAL_RANK``).
         timeout: ``dist_timeout``: seconds any one collective, send or receive may wait.
-        environ: torchrun's environment (default ``os.environ``).
     """
 
     _opened = 0  # groups opened by this process: keeps the store keys of each apart
 
-    def __init__(self, device: str = "cpu", timeout: float = 60.0,
-                 environ: Mapping[str, str] | None = None) -> None:
-        self.rank, self.world_size, local = launch_ranks(environ)
+    def __init__(self, device: str = "cpu", timeout: float = 60.0) -> None:
+        self.rank, self.world_size, local = launch_ranks()
         self.timeout = float(timeout)
         # how long a failed rank waits for the others to check in before naming who did not
         self.grace = min(10.0, max(2.0, self.timeout / 10))
@@ -136,15 +120,7 @@ class Group:
         self.traffic: dict[str, Traffic] = {}
         self.store: Any = None
 
-    @property
-    def is_writer(self) -> bool:
-        """Rank 0 writes the run directory, the metrics and the checkpoints."""
-        return self.rank == 0
-
     def open(self) -> None:
-        if dist.is_initialized():
-            raise RuntimeError("a torch.distributed process group is already initialized in "
-                               "this process; train one distributed run per process")
         Group._opened += 1
         self._keys = f"forwardonly/{Group._opened}/"
         timeout = timedelta(seconds=self.timeout)
@@ -217,7 +193,7 @@ class Group:
         raised on every rank (a ``ConfigError`` as itself)."""
         outcome: tuple[str, Any] = ("ok", None)
         error: BaseException | None = None
-        if self.is_writer:
+        if self.rank == 0:
             try:
                 outcome = ("ok", fn())
             except Exception as exc:  # noqa: BLE001 - handed to every rank, then raised
@@ -269,13 +245,12 @@ class Group:
         with self.watch(label):
             dist.barrier()
 
+    # objects (start-up, checkpoints, a boundary's shape) are not counted as traffic
     def broadcast_object(self, obj: Any, src: int, label: str) -> Any:
         """A picklable object of rank ``src``, on every rank."""
         box = [obj if self.rank == src else None]
         with self.watch(label):
             dist.broadcast_object_list(box, src, device=self.device)
-        size, mine = len(pickle.dumps(box[0])), self.rank == src
-        self.count("object", size if mine else 0, 0 if mine else size)
         return box[0]
 
     def gather_object(self, obj: Any, dst: int, label: str) -> list[Any] | None:
@@ -283,7 +258,6 @@ class Group:
         out: list[Any] | None = [None] * self.world_size if self.rank == dst else None
         with self.watch(label):
             dist.gather_object(obj, out, dst=dst)
-        self.count("object", len(pickle.dumps(obj)), 0)
         return out
 
     def send(self, t: Tensor, dst: int, label: str) -> None:
@@ -367,32 +341,39 @@ class Group:
         return None
 
 
-class RankWorker:
-    """What the workers of every distributed mode share: joining and leaving the group,
-    the start-up check of the settings, rank-0 work (a :class:`~forwardonly.train.Worker`
-    without its model part)."""
+class RankWorker(Group):
+    """A rank as :func:`~forwardonly.train.fit` drives it: what the workers of every mode
+    share (joining and leaving, the settings check, rank-0 work, the finiteness check)."""
 
-    def __init__(self, group: Group) -> None:
-        self.group = group
+    _module: nn.Module
+    _est: Estimator
 
     @property
     def is_writer(self) -> bool:
-        return self.group.is_writer
+        """Rank 0 writes the run directory, the metrics and the checkpoints."""
+        return self.rank == 0
+
+    @property
+    def module(self) -> nn.Module:
+        """The parameters this rank trains."""
+        return self._module
+
+    @property
+    def estimator(self) -> Estimator:
+        return self._est
 
     def start(self, values: dict[str, Any]) -> None:
-        self.group.open()
-        self.group.check_same_config(values)
+        self.open()
+        self.check_same_config(values)
 
     def finish(self, exc: BaseException | None) -> None:
-        self.group.close(exc)
+        self.close(exc)
 
-    def share(self, fn: Callable[[], T], label: str) -> T:
-        return self.group.share(fn, label)
-
-    def all_true(self, flag: bool, label: str) -> bool:
-        """``True`` when ``flag`` holds on every rank."""
-        t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=self.group.device)
-        return int(self.group.all_reduce(t, label).item()) == 0
+    def all_finite(self) -> bool:
+        """Whether every parameter of every rank is finite."""
+        ok = all(bool(torch.isfinite(p).all()) for p in self._module.parameters())
+        t = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)
+        return int(self.all_reduce(t, "the finiteness check").item()) == 0
 
     def sgd_step(self, x: Tensor, y: Tensor, lr: float, weight_decay: float
                  ) -> dict[str, float]:

@@ -1,37 +1,22 @@
-"""Sharded layers: the model's layers split over the ranks as pipeline stages.
+"""Pipeline stages: the model's layers split over the ranks, each rank updating its own.
 
 An ``nn.Sequential`` model (``mlp``, ``cnn``; nested ones are flattened) is cut into W
-contiguous stages, one per rank, balanced by parameter count; a rank holds only its own
-layers' parameters and optimizer state ("parameter server" of its shard).
+contiguous stages balanced by parameter count; a rank holds only its stage's parameters and
+optimizer state. **Forward gradient** (``fg-w``, ``fg-sign``): stage ``s`` draws its tensors'
+directions from ``(seed, step, tensor index)`` — indices over the whole model, so exactly the
+single process's directions — carries the activation ``h`` and its K tangents ``ḣ`` from stage
+``s-1`` through its layers (forward mode, Baydin et al. 2022) and sends them on. The last
+stage broadcasts the loss and the K directional derivatives; every stage forms its share of
+``g = (1/K) Σ_k c(d_k) v_k`` by redrawing its ``v_k``. Nothing travels backward.
+**Backprop** (``bp``), the baseline: activations forward, input gradients backward.
 
-**Forward gradient** (``fg-w``, ``fg-sign``). Stage ``s`` draws the directions of its own
-tensors from ``(seed, step, tensor index)`` — the index counted over the whole model, so they
-are exactly the directions a single process draws — runs its layers on the activation ``h``
-and its K tangents ``ḣ`` received from stage ``s-1`` (Baydin et al. 2022, forward mode), and
-sends ``(h, ḣ)`` on to stage ``s+1``. The last stage computes the loss and the K directional
-derivatives ``d_k = ∇L·v_k`` and broadcasts those K + 1 numbers; then every stage forms its
-share of ``g = (1/K) Σ_k c(d_k) v_k`` by redrawing its own ``v_k`` and updates at once.
-Nothing travels backward.
-
-**Backprop** (``bp``), the baseline, through the same stages: activations forward, then the
-gradient with respect to each stage's input backward, stage by stage (the loss rides along
-with the gradient); a stage updates as soon as its own backward pass is done.
-
-Both compute exactly what the single-process run computes, op for op: the same parameters
-come out. Every rank is handed the global batch, so the batch size is known on both sides of
-a boundary; the feature shape and dtype of a boundary travel once, as an object
-(``dist.send_object_list``), the first time it is crossed. After that, messages are bare
-tensors: ``h`` (B × width floats) and, for forward gradient, ``ḣ`` (K × B × width floats) —
-a forward-gradient pipeline moves K + 1 activations per boundary and step, backprop two (one
-each way).
+Both compute what the single process computes, op for op. A boundary's feature shape and
+dtype travel once (``dist.send_object_list``); after that, bare tensors: ``h`` (B × width) and
+``ḣ`` (K × B × width) — K + 1 activations per boundary and step, backprop two.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -40,10 +25,11 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..directions import DirectionSampler, Rank1
-from ..estimators import Backprop, Estimator, ForwardGradient
+from ..estimators import Backprop, ForwardGradient
 from ..estimators.base import set_grad
 from ..forward_mode import loss_and_derivatives, run_layers, sequential_layers
-from .group import Group, RankWorker
+from ..train.worker import MakeEstimator
+from .group import RankWorker
 
 STAGE_METHODS = ("fg-w", "fg-sign", "bp")
 Layer = tuple[str, nn.Module]
@@ -108,18 +94,6 @@ def _balanced_cuts(costs: list[int], parts: int) -> list[int]:
     return cuts[::-1]
 
 
-@dataclass(frozen=True)
-class Phase:
-    """One bar of a stage's timeline (``perf_counter`` seconds, comparable across the
-    processes of one machine)."""
-
-    step: int
-    stage: int
-    phase: str
-    start: float
-    end: float
-
-
 def merge_optimizer_states(states: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
     """The per-stage optimizer states as the one state a single-process optimizer over the
     whole model has (its parameter indices run over all stages in order)."""
@@ -148,25 +122,23 @@ class StageWorker(RankWorker):
     :class:`~forwardonly.train.Worker`.
 
     Arguments:
-        group: this rank's :class:`Group` (opened by :meth:`start`).
-        timeline: when a list, every phase of every step is appended to it (:class:`Phase`).
+        device: the configured device (``cpu``: gloo; ``cuda``: nccl on ``cuda:LOCAL_RANK``).
+        timeout: ``dist_timeout`` in seconds.
     """
 
-    def __init__(self, group: Group, *, timeline: list[Phase] | None = None) -> None:
-        super().__init__(group)
-        self.timeline = timeline
+    def __init__(self, device: str = "cpu", timeout: float = 60.0) -> None:
+        super().__init__(device, timeout)
         self._in_spec: tuple[tuple[int, ...], torch.dtype] | None = None  # from rank - 1
         self._out_sent = False  # the spec of what this rank sends on has gone
 
-    def attach(self, model: nn.Module, make_estimator: Any) -> None:
-        g = self.group
-        stages = split_stages(model, g.world_size)
-        self.layers = stages[g.rank]
-        self._module = nn.Sequential(*[m for _, m in self.layers]).to(g.device)
+    def attach(self, model: nn.Module, make_estimator: MakeEstimator) -> None:
+        stages = split_stages(model, self.world_size)
+        self.layers = stages[self.rank]
+        self._module = nn.Sequential(*[m for _, m in self.layers]).to(self.device)
         self.counts = [trainable_count(nn.ModuleList(m for _, m in st))[0] for st in stages]
-        self.offset = sum(self.counts[:g.rank])
-        self.first, self.last = g.rank == 0, g.rank == g.world_size - 1
-        self.est: Estimator = make_estimator(self._module)
+        self.offset = sum(self.counts[:self.rank])
+        self.first, self.last = self.rank == 0, self.rank == self.world_size - 1
+        self.est = self._est = make_estimator(self._module)
         if not isinstance(self.est, ForwardGradient | Backprop) or \
                 self.est.name not in STAGE_METHODS:
             raise ConfigError(f"--distributed stages trains with {', '.join(STAGE_METHODS)}; "
@@ -175,50 +147,27 @@ class StageWorker(RankWorker):
                        f"({trainable_count(nn.ModuleList(m for _, m in st))[1]:,} parameters)"
                        for r, st in enumerate(stages)]
 
-    @property
-    def module(self) -> nn.Module:
-        return self._module
-
-    @property
-    def estimator(self) -> Estimator:
-        return self.est
-
     def describe(self) -> str:
-        return (f"stage-sharded {self.est.name} on {self.group.world_size} ranks "
-                f"({self.group.backend})" + "".join(f"\n  {d}" for d in self.stages))
-
-    def phase(self, name: str) -> Any:
-        return nullcontext() if self.timeline is None else self._record(name)
-
-    @contextmanager
-    def _record(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            assert self.timeline is not None
-            self.timeline.append(Phase(self.est.steps_done + 1, self.group.rank, name, t0,
-                                       time.perf_counter()))
+        return (f"stage-sharded {self.est.name} on {self.world_size} ranks "
+                f"({self.backend})" + "".join(f"\n  {d}" for d in self.stages))
 
     # -- messages between neighbouring stages -------------------------------------------------
     def send_on(self, tensors: list[Tensor], label: str) -> None:
         """Activations (and tangents) to the next stage; the first time, their spec."""
-        g = self.group
         if not self._out_sent:
-            g.send_object((tuple(tensors[0].shape[1:]), tensors[0].dtype), g.rank + 1, label)
+            self.send_object((tuple(tensors[0].shape[1:]), tensors[0].dtype), self.rank + 1, label)
             self._out_sent = True
         for t in tensors:
-            g.send(t, g.rank + 1, label)
+            self.send(t, self.rank + 1, label)
 
     def recv_from_previous(self, batch: int, k: int | None, label: str) -> list[Tensor]:
         """The activations of a batch of ``batch`` (and ``k`` tangents) from the previous
         stage."""
-        g = self.group
         if self._in_spec is None:
-            self._in_spec = g.recv_object(g.rank - 1, label)
+            self._in_spec = self.recv_object(self.rank - 1, label)
         features, dtype = self._in_spec
         shapes = [(batch, *features)] + ([] if k is None else [(k, batch, *features)])
-        return [g.recv(torch.empty(s, dtype=dtype, device=g.device), g.rank - 1, label)
+        return [self.recv(torch.empty(s, dtype=dtype, device=self.device), self.rank - 1, label)
                 for s in shapes]
 
     # -- one training step -------------------------------------------------------------------
@@ -233,7 +182,7 @@ class StageWorker(RankWorker):
         return stats
 
     def _forward_gradient_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        est, g = self.est, self.group
+        est = self.est
         assert isinstance(est, ForwardGradient)
         k, label = est.directions, f"step {est.steps_done + 1}"
         sampler = DirectionSampler(est.distribution, est.step_seed())
@@ -252,29 +201,23 @@ class StageWorker(RankWorker):
                 return sampler.dense(self.offset + i, p, 1, out=p.grad.unsqueeze(0))
             return sampler.dense(self.offset + i, p, k)
 
-        with self.phase("receive"):
-            if self.first:
-                h, h_dot = x.to(g.device), None
-            else:
-                h, h_dot = self.recv_from_previous(len(x), k, f"activations and tangents, "
-                                                   f"{label}")
-        with self.phase("forward+tangents"), torch.no_grad():
-            h, h_dot = run_layers(self.layers, h, h_dot, tangent, k)
-        if self.last:
-            with self.phase("loss"), torch.no_grad():
-                loss, d = loss_and_derivatives(est.loss_fn, h, h_dot, y.to(g.device), k)
-                scalars = torch.cat([loss.reshape(1), d])  # (K + 1,)
+        if self.first:
+            h, h_dot = x.to(self.device), None
         else:
-            if h_dot is None:  # nothing before here is trained: the tangents are zero
-                h_dot = h.new_zeros((k, *h.shape))
-            with self.phase("send"):
+            h, h_dot = self.recv_from_previous(len(x), k, f"activations and tangents, {label}")
+        with torch.no_grad():
+            h, h_dot = run_layers(self.layers, h, h_dot, tangent, k)
+            if self.last:
+                loss, d = loss_and_derivatives(est.loss_fn, h, h_dot, y.to(self.device), k)
+                scalars = torch.cat([loss.reshape(1), d])  # (K + 1,)
+            else:
+                if h_dot is None:  # nothing before here is trained: the tangents are zero
+                    h_dot = h.new_zeros((k, *h.shape))
                 self.send_on([h, h_dot], f"activations and tangents, {label}")
-            scalars = torch.empty(k + 1, dtype=h.dtype, device=g.device)
-        with self.phase("wait for d"):
-            g.broadcast(scalars, g.world_size - 1, f"broadcast of d, {label}")
-        loss, d = scalars[0], scalars[1:]
-        coeffs = est.coefficients(d)
-        with self.phase("combine"), torch.no_grad():
+                scalars = torch.empty(k + 1, dtype=h.dtype, device=self.device)
+            self.broadcast(scalars, self.world_size - 1, f"broadcast of d, {label}")
+            loss, d = scalars[0], scalars[1:]
+            coeffs = est.coefficients(d)
             for i, p in enumerate(params):
                 if i in in_grad:
                     p.grad.mul_(coeffs[0])
@@ -283,37 +226,31 @@ class StageWorker(RankWorker):
         return {"loss": loss.item(), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
     def _backprop_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        est, g = self.est, self.group
+        est = self.est
         label = f"step {est.steps_done + 1}"
         params = [p for _, p in est.trainable()]
         for p in params:
             p.grad = None
-        with self.phase("receive"):
-            if self.first:
-                h_in = x.to(g.device)
-            else:
-                (h_in,) = self.recv_from_previous(len(x), None, f"activations, {label}")
-                h_in.requires_grad_(True)
-        with self.phase("forward"), torch.enable_grad():
+        if self.first:
+            h_in = x.to(self.device)
+        else:
+            (h_in,) = self.recv_from_previous(len(x), None, f"activations, {label}")
+            h_in.requires_grad_(True)
+        with torch.enable_grad():
             out = self._module(h_in)
             if self.last:
-                loss = est.loss_fn(out, y.to(g.device))
-        if self.last:
-            with self.phase("backward"):
+                loss = est.loss_fn(out, y.to(self.device))
                 loss.backward()
-            loss = loss.detach().reshape(1)
-        else:
-            with self.phase("send"):
+                loss = loss.detach().reshape(1)
+            else:
                 self.send_on([out.detach()], f"activations, {label}")
-            with self.phase("wait for gradient"):  # the gradient of out, and the loss
-                grad_out = g.recv(torch.empty_like(out), g.rank + 1, f"gradient, {label}")
-                loss = g.recv(out.new_empty(1), g.rank + 1, f"gradient, {label}")
-            with self.phase("backward"):
+                # the gradient of out, and the loss, from the next stage
+                grad_out = self.recv(torch.empty_like(out), self.rank + 1, f"gradient, {label}")
+                loss = self.recv(out.new_empty(1), self.rank + 1, f"gradient, {label}")
                 out.backward(grad_out)
         if not self.first:
-            with self.phase("send"):
-                g.send(h_in.grad, g.rank - 1, f"gradient, {label}")
-                g.send(loss.to(h_in.dtype), g.rank - 1, f"gradient, {label}")
+            self.send(h_in.grad, self.rank - 1, f"gradient, {label}")
+            self.send(loss.to(h_in.dtype), self.rank - 1, f"gradient, {label}")
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -323,40 +260,34 @@ class StageWorker(RankWorker):
     @torch.no_grad()
     def error_rate(self, x: Tensor, y: Tensor, batch_size: int) -> float:
         """Fraction misclassified, the batches flowing through the pipeline."""
-        g = self.group
         was_training = self._module.training
         self._module.eval()
         wrong = 0
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
             label = f"evaluation, batch {i // batch_size}"
-            h = xb.to(g.device) if self.first else \
+            h = xb.to(self.device) if self.first else \
                 self.recv_from_previous(len(xb), None, label)[0]
             h = self._module(h)
             if self.last:
-                wrong += int((h.argmax(-1) != y[i:i + batch_size].to(g.device)).sum().item())
+                wrong += int((h.argmax(-1) != y[i:i + batch_size].to(self.device)).sum().item())
             else:
                 self.send_on([h], label)
         self._module.train(was_training)
-        total = torch.tensor([wrong], dtype=torch.int64, device=g.device)
-        g.broadcast(total, g.world_size - 1, "the error count")
+        total = torch.tensor([wrong], dtype=torch.int64, device=self.device)
+        self.broadcast(total, self.world_size - 1, "the error count")
         return int(total.item()) / max(1, len(x))
 
     def clip_grad(self, max_norm: float) -> None:
         """Clip by the norm of the whole model's gradient (one all-reduce of the per-tensor
         norms; the same formula as ``torch.nn.utils.clip_grad_norm_``)."""
         params = [p for _, p in self.est.trainable()]
-        g = self.group
-        norms = torch.zeros(sum(self.counts), dtype=torch.float32, device=g.device)
+        norms = torch.zeros(sum(self.counts), dtype=torch.float32, device=self.device)
         if params:
             norms[self.offset:self.offset + len(params)] = torch.stack(
                 [torch.linalg.vector_norm(p.grad).float() for p in params])
-        norms = g.all_reduce(norms, f"gradient norms, step {self.est.steps_done}")
+        norms = self.all_reduce(norms, f"gradient norms, step {self.est.steps_done}")
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.linalg.vector_norm(norms))
-
-    def all_finite(self) -> bool:
-        ok = all(bool(torch.isfinite(p).all()) for p in self._module.parameters())
-        return self.all_true(ok, "the finiteness check")
 
     def end_epoch(self, epoch: int) -> None:
         """Nothing to check: each rank holds different parameters."""
@@ -365,18 +296,18 @@ class StageWorker(RankWorker):
         """The whole model's state dict on rank 0 (gathered), ``None`` elsewhere."""
         mine = {f"{name}.{key}": value.detach().cpu()
                 for name, layer in self.layers for key, value in layer.state_dict().items()}
-        parts = self.group.gather_object(mine, 0, "gathering the model")
+        parts = self.gather_object(mine, 0, "gathering the model")
         return None if parts is None else {k: v for part in parts for k, v in part.items()}
 
     def optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The whole model's optimizer state on rank 0 (as a single process has it)."""
         state = _to_cpu(opt.state_dict())
-        parts = self.group.gather_object(state, 0, "gathering the optimizer state")
+        parts = self.gather_object(state, 0, "gathering the optimizer state")
         return None if parts is None else merge_optimizer_states(parts, self.counts)
 
     def load_optimizer_state(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         opt.load_state_dict(split_optimizer_state(state, self.offset,
-                                                  self.counts[self.group.rank]))
+                                                  self.counts[self.rank]))
 
 
 def _to_cpu(obj: Any) -> Any:
