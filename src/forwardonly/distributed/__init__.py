@@ -15,14 +15,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ..config import TrainConfig
-from .data import DataParallelWorker, ShardReducer, shard_bounds, shard_sizes
+from .data import DataParallelWorker, shard_bounds, shard_sizes
 from .group import Group, RankFailure, Traffic, config_digest, launch_ranks, tensor_digest
 from .stages import STAGE_METHODS, StageWorker, split_stages
 
 F = TypeVar("F", bound=Callable[..., object])
 
 __all__ = [
-    "STAGE_METHODS", "DataParallelWorker", "Group", "RankFailure", "ShardReducer",
+    "STAGE_METHODS", "DataParallelWorker", "Group", "RankFailure",
     "StageWorker", "Traffic", "config_digest", "launch_ranks", "make_worker", "record_errors",
     "shard_bounds", "shard_sizes", "split_stages", "tensor_digest",
 ]

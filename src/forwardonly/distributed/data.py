@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..estimators import Backprop
 from ..train.worker import MakeEstimator, error_rate
-from .group import Group, RankWorker, nbytes, tensor_digest
+from .group import RankWorker, nbytes, tensor_digest
 
 
 def shard_sizes(n: int, world_size: int) -> list[int]:
@@ -43,28 +43,6 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return lo, lo + sizes[rank]
 
 
-class ShardReducer:
-    """The estimators' ``reduce`` hook: ``(loss, d) -> Σ_r (n_r/N) (loss_r, d_r)`` by one
-    all-gather. Set :attr:`sizes` (every rank's shard size) and :attr:`label` before a step."""
-
-    def __init__(self, group: Group) -> None:
-        self.group = group
-        self.sizes = [1] * group.world_size
-        self.label = "all-gather of the directional derivatives"
-
-    def __call__(self, loss: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-        g = self.group
-        local = torch.cat([loss.detach().reshape(1).to(d.dtype), d.detach().reshape(-1)])
-        if self.sizes[g.rank] == 0:  # this rank ran on a stand-in example: it counts for 0
-            local = torch.zeros_like(local)
-        rows = g.all_gather(local.to(g.device), self.label)  # (W, K + 1)
-        total = sum(self.sizes)
-        weights = torch.tensor([n / total for n in self.sizes], dtype=torch.float64,
-                               device=rows.device)
-        combined = (rows.double() * weights.unsqueeze(1)).sum(0).to(d.device)  # (K + 1,)
-        return combined[0].to(loss.dtype), combined[1:].to(d.dtype).view_as(d)
-
-
 class DataParallelWorker(RankWorker):
     """One rank of a data-parallel run (see the module docstring); a
     :class:`~forwardonly.train.Worker`.
@@ -76,15 +54,16 @@ class DataParallelWorker(RankWorker):
 
     def __init__(self, device: str = "cpu", timeout: float = 60.0) -> None:
         super().__init__(device, timeout)
-        self.weight = 1.0  # this rank's share n_r / N of the current batch
+        self.sizes = [1] * self.world_size  # every rank's shard of the current batch
+        self.weight = 1.0  # this rank's share n_r / N of it
+        self.label = ""
 
     def attach(self, model: nn.Module, make_estimator: MakeEstimator) -> None:
         self._module = model.to(self.device)
         self.est = self._est = make_estimator(self._module)
         if hasattr(type(self.est), "reduce"):  # fg-w, fg-sign, zo, zo-sign
             self.kind = "scalar"
-            self.reducer = ShardReducer(self)
-            self.est.reduce = self.reducer  # type: ignore[attr-defined]
+            self.est.reduce = self.reduce  # type: ignore[attr-defined]
         elif isinstance(self.est, Backprop):
             self.kind = "ddp"
             # buffers are not synchronized at each forward: evaluation runs on shards
@@ -111,16 +90,15 @@ class DataParallelWorker(RankWorker):
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """One step on the global batch ``(x, y)``: this rank takes its shard; the stats
         returned are the global batch's."""
-        sizes = shard_sizes(len(x), self.world_size)
+        self.sizes = shard_sizes(len(x), self.world_size)
         lo, hi = shard_bounds(len(x), self.rank, self.world_size)
         if hi == lo:  # an empty shard runs one example, with weight 0
             lo, hi = 0, 1
         xb, yb = x[lo:hi].to(self.device), y[lo:hi].to(self.device)
-        self.weight = sizes[self.rank] / len(x)
+        self.weight = self.sizes[self.rank] / len(x)
         label = f"step {self._est.steps_done + 1}"
         if self.kind == "scalar":
-            self.reducer.sizes = sizes
-            self.reducer.label = f"all-gather of the directional derivatives, {label}"
+            self.label = f"all-gather of the directional derivatives, {label}"
             return self.est.step(xb, yb)
         if self.kind == "ddp":
             with self.watch(f"DDP gradient all-reduce, {label}"):
@@ -129,6 +107,18 @@ class DataParallelWorker(RankWorker):
         stats = self.est.step(xb, yb)
         params = [p for _, p in self.est.trainable()]
         return self._average(stats, params, f"all-reduce of the gradient, {label}")
+
+    def reduce(self, loss: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """The estimators' ``reduce`` hook: ``(loss, d) -> Σ_r (n_r/N) (loss_r, d_r)`` by one
+        all-gather, summed in float64 in rank order (the same bits on every rank)."""
+        local = torch.cat([loss.detach().reshape(1).to(d.dtype), d.detach().reshape(-1)])
+        if self.sizes[self.rank] == 0:  # this rank ran on a stand-in example: it counts for 0
+            local = torch.zeros_like(local)
+        rows = self.all_gather(local.to(self.device), self.label)  # (W, K + 1)
+        weights = torch.tensor(self.sizes, dtype=torch.float64, device=rows.device)
+        combined = (rows.double() * (weights / weights.sum()).unsqueeze(1)).sum(0)  # (K + 1,)
+        combined = combined.to(d.device)
+        return combined[0].to(loss.dtype), combined[1:].to(d.dtype).view_as(d)
 
     def _average(self, stats: dict[str, float], params: list[Tensor], label: str
                  ) -> dict[str, float]:

@@ -41,14 +41,12 @@ PER_RANK_FIELDS = frozenset({"out", "device", "threads", "progress", "data_dir"}
 
 
 class RankFailure(RuntimeError):
-    """Another rank died, hung or failed, or the group could not form; the message says
-    which rank and what to do."""
+    """Another rank died, hung or failed, or the group did not form; the message says who."""
 
 
 @dataclass
 class Traffic:
-    """Payload bytes of one kind of operation: this rank's own data handed to it (``sent``)
-    and other ranks' data delivered to this rank (``received``)."""
+    """Payload bytes of one kind of operation: this rank's own (sent), others' (received)."""
 
     calls: int = 0
     sent: int = 0
@@ -95,7 +93,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 class Group:
-    """This process's rank of a torchrun group; :meth:`open` joins it, :meth:`close` leaves.
+    """This process's rank of a torchrun group; :meth:`start` joins, :meth:`finish` leaves.
 
     Arguments:
         device: the configured device: ``"cpu"`` (gloo) or ``"cuda"``/``"cuda:N"`` (nccl;
@@ -120,7 +118,12 @@ class Group:
         self.traffic: dict[str, Traffic] = {}
         self.store: Any = None
 
-    def open(self) -> None:
+    def start(self, values: Mapping[str, Any]) -> None:
+        """Join the group, then check that every rank was given the same ``values``."""
+        self._join()
+        self.check_same_config(values)
+
+    def _join(self) -> None:
         Group._opened += 1
         self._keys = f"forwardonly/{Group._opened}/"
         timeout = timedelta(seconds=self.timeout)
@@ -145,11 +148,9 @@ class Group:
                 f"that all {self.world_size} processes started and reach MASTER_ADDR:"
                 f"MASTER_PORT") from exc
 
-    def close(self, exc: BaseException | None = None) -> None:
+    def finish(self, exc: BaseException | None = None) -> None:
         """Leave the group: a final barrier when all went well; otherwise this rank's error
         is left in the store, where the others' diagnosis reads it."""
-        if not dist.is_initialized():
-            return
         try:
             if exc is None:
                 self.barrier("the end of the run")
@@ -161,7 +162,6 @@ class Group:
         finally:
             dist.destroy_process_group()
 
-    # -- start-up ----------------------------------------------------------------------------
     def check_same_config(self, values: Mapping[str, Any]) -> None:
         """Raise :class:`ConfigError` on every rank unless all ranks share the settings."""
         mine = torch.tensor([config_digest(values)], dtype=torch.int64, device=self.device)
@@ -190,25 +190,20 @@ class Group:
 
     def share(self, fn: Callable[[], T], label: str) -> T:
         """Run ``fn`` on rank 0 and give its result to every rank; an error it raises is
-        raised on every rank (a ``ConfigError`` as itself)."""
-        outcome: tuple[str, Any] = ("ok", None)
-        error: BaseException | None = None
+        raised on every rank."""
+        outcome: tuple[Any, Exception | None] = (None, None)
         if self.rank == 0:
             try:
-                outcome = ("ok", fn())
+                outcome = (fn(), None)
             except Exception as exc:  # noqa: BLE001 - handed to every rank, then raised
-                error, outcome = exc, (type(exc).__name__, str(exc))
-        kind, value = self.broadcast_object(outcome, 0, label)
+                outcome = (None, exc)
+        value, error = self.broadcast_object(outcome, 0, label)
         if error is not None:
             raise error
-        if kind == "ConfigError":
-            raise ConfigError(value)
-        if kind != "ok":
-            raise RuntimeError(f"rank 0 failed during {label}: {kind}: {value}")
         return value
 
     # -- collectives and messages, counted and watched ----------------------------------------
-    def count(self, op: str, sent: int, received: int) -> None:
+    def count(self, op: str, sent: int, received: int) -> None:  # payload bytes
         t = self.traffic.setdefault(op, Traffic())
         t.calls, t.sent, t.received = t.calls + 1, t.sent + sent, t.received + received
 
@@ -245,7 +240,7 @@ class Group:
         with self.watch(label):
             dist.barrier()
 
-    # objects (start-up, checkpoints, a boundary's shape) are not counted as traffic
+    # objects (start-up, checkpoints, a boundary's shape) are not counted
     def broadcast_object(self, obj: Any, src: int, label: str) -> Any:
         """A picklable object of rank ``src``, on every rank."""
         box = [obj if self.rank == src else None]
@@ -299,35 +294,28 @@ class Group:
 
     def diagnose(self, label: str, exc: BaseException) -> RankFailure | None:
         """Check in under this failure's key in the store, wait up to :attr:`grace` seconds
-        for the others, and name the ranks that did not check in or left an error. ``None``
-        when every rank checked in without one and nothing timed out (the error is this
-        rank's own)."""
-        key = self._keys + "fault/"
-        cause = f"during {label} ({_first_line(exc)})"
-        others = [r for r in range(self.world_size) if r != self.rank]
+        for the others, and name the ranks that did not check in or left their error there.
+        ``None`` when all checked in and nothing timed out (the error is this rank's own)."""
+        key, cause = self._keys + "fault/", f"during {label} ({_first_line(exc)})"
+        missing = [r for r in range(self.world_size) if r != self.rank]
         try:
             self.store.set_timeout(timedelta(seconds=self.grace))
             self.store.set(key + str(self.rank), "waiting")
             deadline = time.monotonic() + self.grace
-            missing = others
             while missing and time.monotonic() < deadline:
                 time.sleep(0.05)
                 missing = [r for r in missing if not self.store.check([key + str(r)])]
-            errors = {r: self.store.get(key + str(r)).decode() for r in others
-                      if r not in missing}
+            notes = {r: self.store.get(key + str(r)).decode() for r in range(self.world_size)
+                     if r not in missing}
         except RuntimeError:
-            return RankFailure(
-                f"rank {self.rank}: the group broke {cause}, and the rendezvous store is gone "
-                f"with it: the process that hosts it (torchrun's agent, or rank 0) ended. See "
-                f"its output")
-        failed = {r: e for r, e in errors.items() if e.startswith("error: ")}
+            return RankFailure(f"rank {self.rank}: the group broke {cause}, and the rendezvous "
+                               f"store with it: the process that hosts it (torchrun's agent, "
+                               f"or rank 0) ended. See its output")
+        failed = [f"rank {r} failed: {e[7:]}" for r, e in notes.items() if e.startswith("error: ")]
         if failed:
-            return RankFailure("; ".join(f"rank {r} failed: {e[len('error: '):]}"
-                                         for r, e in sorted(failed.items()))
-                               + f" (rank {self.rank} stopped {cause})")
+            return RankFailure("; ".join(failed) + f" (rank {self.rank} stopped {cause})")
         if missing:
-            who = ", ".join(map(str, missing))
-            s = "s" if len(missing) > 1 else ""
+            who, s = ", ".join(map(str, missing)), "s" if len(missing) > 1 else ""
             return RankFailure(
                 f"rank{s} {who} stopped responding: rank {self.rank} waited {cause} with "
                 f"dist_timeout = {self.timeout:g} s, and rank{s} {who} did not answer in the "
@@ -342,8 +330,7 @@ class Group:
 
 
 class RankWorker(Group):
-    """A rank as :func:`~forwardonly.train.fit` drives it: what the workers of every mode
-    share (joining and leaving, the settings check, rank-0 work, the finiteness check)."""
+    """A :class:`Group` rank with a model part: what the workers of every mode share."""
 
     _module: nn.Module
     _est: Estimator
@@ -361,13 +348,6 @@ class RankWorker(Group):
     @property
     def estimator(self) -> Estimator:
         return self._est
-
-    def start(self, values: dict[str, Any]) -> None:
-        self.open()
-        self.check_same_config(values)
-
-    def finish(self, exc: BaseException | None) -> None:
-        self.close(exc)
 
     def all_finite(self) -> bool:
         """Whether every parameter of every rank is finite."""

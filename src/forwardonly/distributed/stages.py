@@ -174,10 +174,8 @@ class StageWorker(RankWorker):
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """One step on the global batch ``(x, y)``: stage 0 reads ``x``, the last stage
         ``y``; every rank gets the batch's stats."""
-        if isinstance(self.est, ForwardGradient):
-            stats = self._forward_gradient_step(x, y)
-        else:
-            stats = self._backprop_step(x, y)
+        forward = isinstance(self.est, ForwardGradient)
+        stats = (self._forward_gradient_step if forward else self._backprop_step)(x, y)
         self.est.steps_done += 1
         return stats
 
@@ -301,7 +299,9 @@ class StageWorker(RankWorker):
 
     def optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The whole model's optimizer state on rank 0 (as a single process has it)."""
-        state = _to_cpu(opt.state_dict())
+        state = opt.state_dict()
+        state["state"] = {i: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in s.items()}
+                          for i, s in state["state"].items()}
         parts = self.gather_object(state, 0, "gathering the optimizer state")
         return None if parts is None else merge_optimizer_states(parts, self.counts)
 
@@ -309,12 +309,3 @@ class StageWorker(RankWorker):
         opt.load_state_dict(split_optimizer_state(state, self.offset,
                                                   self.counts[self.rank]))
 
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
