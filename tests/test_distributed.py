@@ -289,6 +289,16 @@ def test_mismatched_resume_is_refused_at_start(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@slow
+def test_an_error_on_the_writer_reaches_every_rank(tmp_path):
+    # --resume on every rank, nothing to resume: rank 0's planning fails, every rank says so
+    results = run_ranks(2, _mismatched_rank, tmp_path, {"resume": (True, True)},
+                        tmp_path=tmp_path)
+    for res in results:
+        assert res["error"] == "ConfigError", res
+        assert "holds no checkpoint.pt to continue from" in res["message"]
+
+
 def _mismatched_rank(rank: int, tmp_path: Path, differ: dict[str, tuple[Any, Any]]
                      ) -> dict[str, Any]:
     values = {**FG, "distributed": "data", "dist_timeout": 30.0, "out": str(tmp_path / "run")}
