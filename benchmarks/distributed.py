@@ -1,4 +1,4 @@
-"""Distributed benchmarks: bytes per step, step time with 1/2/4 processes, stage timelines.
+"""Distributed benchmarks: bytes per step and step time, data parallel and pipeline stages.
 
     python -m benchmarks distributed --sections data      [--processes 1 2 4] [--steps 20]
     python -m benchmarks distributed --sections stages    [--stages 4] [--steps 12]
@@ -13,10 +13,10 @@ into pipeline stages for ``stages``. Results go to benchmarks/results/distribute
   payload bytes each rank hands to collectives per step (counted at the calls, and in DDP's
   communication hook), the ring-algorithm wire bytes derived from them, and the median step
   time (rank 0, after warm-up). The global batch is fixed (strong scaling).
-- ``timeline.csv`` / ``timeline.md`` / ``timeline.png``: every phase of every stage during
-  the median step of a stage-sharded run, forward gradient vs backprop through the same
-  stages, times relative to the step's start (``perf_counter``, one clock for all processes
-  of a machine).
+- ``stages.csv`` / ``stages.md``: a stage-sharded step, forward gradient vs backprop through
+  the same stages: median step time and the bytes each stage sends to the next. (The
+  ``timeline.*`` files hold an earlier per-phase timeline, recorded by a hook the workers no
+  longer carry.)
 """
 
 from __future__ import annotations
@@ -52,49 +52,42 @@ STAGE_METHODS = [("bp", "bp", {}), ("fg-w K=1", "fg-w", {"directions": 1}),
 def worker(args: argparse.Namespace) -> None:
     from forwardonly import build_model, load_dataset, make_estimator
     from forwardonly.data import standardize
-    from forwardonly.distributed import DataParallelWorker, LaunchEnv, Session, StageWorker
+    from forwardonly.distributed import DataParallelWorker, StageWorker
 
     torch.set_num_threads(1)
     options = json.loads(args.options)
     data = standardize(load_dataset("mnist", args.data_dir))
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(data.train_x), generator=gen)
-    with Session(LaunchEnv.from_environ(), timeout=300.0) as s:
+    w: Any = (DataParallelWorker if args.mode == "data" else StageWorker)("cpu", 300.0)
+    w.start({"benchmark": args.mode})
+    try:
         torch.manual_seed(0)
         model = build_model("mlp", (1, 28, 28), 10, widths=args.widths)
-
-        def make(m: torch.nn.Module) -> Any:
-            return make_estimator(args.method, m, F.cross_entropy, seed=0, **options)
-
-        timeline: list[Any] = []
-        if args.mode == "data":
-            w: Any = DataParallelWorker(make(model), s)
-        else:
-            w = StageWorker(model, make, s, timeline=timeline)
+        params = sum(p.numel() for p in model.parameters())
+        w.attach(model, lambda m: make_estimator(args.method, m, F.cross_entropy, seed=0,
+                                                 **options))
         opt = torch.optim.SGD([p for p in w.module.parameters() if p.requires_grad], lr=1e-3)
         times, traffic = [], []
         for step in range(args.warmup + args.steps):
             idx = order[step * args.batch:(step + 1) * args.batch]
-            s.comm.barrier("step start")  # every rank starts the step together
-            s.comm.reset_traffic()
+            w.barrier("step start")  # every rank starts the step together
+            w.reset_traffic()
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=False)
-            w.step(data.train_x, data.train_y, idx)
-            u0 = time.perf_counter()
+            w.step(data.train_x[idx], data.train_y[idx])
             opt.step()
             t1 = time.perf_counter()
-            if args.mode == "stages":
-                from forwardonly.distributed import Phase
-
-                timeline.append(Phase(w.estimator.steps_done, s.rank, "update", u0, t1))
-            counts = s.comm.reset_traffic()
+            counts = w.reset_traffic()
             if step >= args.warmup:
                 times.append(t1 - t0)
                 traffic.append({op: vars(c) for op, c in counts.items()})
-        result = {"rank": s.rank, "world": s.world_size, "times": times, "traffic": traffic,
-                  "params": sum(p.numel() for p in model.parameters()),
-                  "timeline": [vars(p) for p in timeline if p.step > args.warmup],
-                  "stages": getattr(w, "describe", [])}
+        result = {"rank": w.rank, "world": w.world_size, "times": times, "traffic": traffic,
+                  "params": params, "timeline": [], "stages": w.describe().splitlines()}
+    except BaseException as exc:
+        w.finish(exc)
+        raise
+    w.finish(None)
     Path(f"{args.json}.{result['rank']}").write_text(json.dumps(result))
 
 
@@ -162,83 +155,28 @@ def data_section(a: argparse.Namespace, res: Results) -> None:
               text=text)
 
 
-# -- stages: the measured timeline --------------------------------------------------------------
+# -- stages: step time and bytes ---------------------------------------------------------------
 def stages_section(a: argparse.Namespace, res: Results) -> None:
     widths = [1024] * 4
-    rows, summary, describe = [], [], []
+    rows, describe = [], []
     for label, method, options in STAGE_METHODS:
         ranks = launch(a.stages, "stages", method, options, widths, a.batch, a.steps,
                        a.warmup, a.data_dir)
         describe = ranks[0]["stages"]
-        phases = [p for r in ranks for p in r["timeline"]]
-        steps = sorted({p["step"] for p in phases})
-        spans = {st: (min(p["start"] for p in phases if p["step"] == st),
-                      max(p["end"] for p in phases if p["step"] == st)) for st in steps}
-        median_step = sorted(steps, key=lambda st: spans[st][1] - spans[st][0])[len(steps) // 2]
-        t0, t1 = spans[median_step]
-        for p in phases:
-            if p["step"] == median_step:
-                rows.append({"method": label, "stage": p["stage"], "phase": p["phase"],
-                             "start_ms": round(1e3 * (p["start"] - t0), 3),
-                             "end_ms": round(1e3 * (p["end"] - t0), 3)})
-        mine = [r for r in rows if r["method"] == label]
-        busy = {st: sum(r["end_ms"] - r["start_ms"] for r in mine
-                        if r["stage"] == st and not r["phase"].startswith(("wait", "receive")))
-                for st in range(a.stages)}
-        updates = [r for r in mine if r["phase"] == "update"]
-        summary.append({"method": label, "makespan_ms": round(1e3 * (t1 - t0), 2),
-                        "first_update_ms": min(r["start_ms"] for r in updates),
-                        "last_update_ms": max(r["start_ms"] for r in updates),
-                        "busy_ms": [round(busy[st], 2) for st in range(a.stages)],
-                        "bytes_sent_stage0": ranks[0]["traffic"][-1].get("send", {})
-                        .get("sent", 0)})
-        print(summary[-1], flush=True)
-    text = ("Stages: " + "; ".join(describe) + f".\n\nThe median step (of {a.steps}) by "
-            "makespan; times from the step's start. Busy = computing or sending (not waiting). "
-            "Updates start when a stage knows its gradient estimate: all at once after the "
-            "broadcast of d for forward gradient, stage by stage as the backward pass arrives "
-            "for backprop.\n\n" + md_table(
-                ["method", "step makespan (ms)", "first update starts (ms)",
-                 "last update starts (ms)", "busy per stage (ms)", "stage 0 sends / step (B)"],
-                [[s["method"], f"{s['makespan_ms']:.1f}", f"{s['first_update_ms']:.1f}",
-                  f"{s['last_update_ms']:.1f}", " / ".join(f"{b:.1f}" for b in s["busy_ms"]),
-                  f"{s['bytes_sent_stage0']:,}"] for s in summary]))
-    plot_timeline(rows, a.stages, res.png("timeline"))
-    res.write("timeline", rows, title="Stage-sharded step, measured: forward gradient vs "
-              f"backprop through the same {a.stages} stages (MLP 784-1024×4-10, batch {a.batch}, "
-              "gloo, one process per stage)", text=text)
-
-
-def plot_timeline(rows: list[dict[str, Any]], stages: int, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    colors = {"forward": "tab:blue", "forward+tangents": "tab:purple", "loss": "tab:olive",
-              "backward": "tab:red", "update": "tab:green", "combine": "tab:cyan",
-              "send": "tab:orange", "receive": "lightgrey", "wait for d": "whitesmoke",
-              "wait for gradient": "whitesmoke"}
-    fig, axes = plt.subplots(len(methods), 1, figsize=(10, 1.2 + 0.9 * stages * len(methods)),
-                             sharex=True, squeeze=False)
-    for ax, method in zip(axes[:, 0], methods, strict=True):
-        for r in rows:
-            if r["method"] != method:
-                continue
-            ax.barh(r["stage"], r["end_ms"] - r["start_ms"], left=r["start_ms"],
-                    color=colors.get(r["phase"], "grey"), edgecolor="black", linewidth=0.3,
-                    label=r["phase"])
-        ax.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
-        ax.invert_yaxis()
-        ax.set_title(method, loc="left", fontsize=10)
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles, strict=True))
-        ax.legend(unique.values(), unique.keys(), fontsize=7, ncol=4, loc="lower right")
-    axes[-1, 0].set_xlabel("ms since the step started (measured, one process per stage)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+        rows.append({"method": label, "stages": a.stages,
+                     "step_ms": round(1e3 * statistics.median(ranks[0]["times"]), 3),
+                     "bytes_sent_per_stage": [r["traffic"][-1].get("send", {}).get("sent", 0)
+                                              for r in ranks]})
+        print(rows[-1], flush=True)
+    text = ("Stages: " + "; ".join(describe) + f".\n\nStep time: median of {a.steps} steps "
+            "on rank 0 (one thread per process); bytes: what each stage sends to the next per "
+            "step (activations, and tangents for forward gradient).\n\n" + md_table(
+                ["method", "stages", "step (ms)", "bytes sent per stage per step"],
+                [[r["method"], r["stages"], f"{r['step_ms']:.1f}",
+                  " / ".join(f"{b:,}" for b in r["bytes_sent_per_stage"])] for r in rows]))
+    res.write("stages", rows, title="Stage-sharded step: forward gradient vs backprop through "
+              f"the same {a.stages} stages (MLP 784-1024×4-10, batch {a.batch}, gloo, one "
+              "process per stage)", text=text)
 
 
 def arguments(name: str, p: argparse.ArgumentParser) -> None:

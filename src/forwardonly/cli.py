@@ -107,6 +107,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .launch import train
 
     cfg = _train_config(given_settings(args), args.resume)
+    if cfg.distributed:  # an error also goes to the error file torchrun's summary shows
+        from .distributed import record_errors
+
+        train = record_errors(train)
     result = train(cfg, resume=args.resume)
     if _is_writer(cfg) and result.rows:
         print(f"test error {100 * result.test_error:.2f}%  (run directory: {result.run_dir})")

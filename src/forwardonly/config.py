@@ -148,9 +148,9 @@ class TrainConfig:
                                  "(fg-w, fg-sign, bp). Rank 0 writes the run directory.")
     dist_timeout: float = _f(60.0, "Seconds a rank may wait for the others (one collective, "
                              "send or receive) before the run stops with an error naming the "
-                             "rank that hung; a rank that dies is named within about "
-                             "clip(dist_timeout/6, 1, 10) seconds. Must exceed the longest "
-                             "pause between collectives (rank 0 writing a checkpoint).")
+                             "rank that stopped responding (a rank that dies ends the job at "
+                             "once through torchrun). Must exceed the longest pause between "
+                             "collectives (rank 0 writing a checkpoint).")
 
     def validate(self) -> None:
         from .autodiff import DISTRIBUTIONS

@@ -25,7 +25,8 @@ from forwardonly.data import (
     standardize,
 )
 
-DATA_ROOT = Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[3] / "shared" / "data")
+DATA_ROOT = Path(os.environ.get(DATA_ENV)
+                 or Path(__file__).resolve().parents[3] / "shared" / "data")
 IDX_STEMS = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",

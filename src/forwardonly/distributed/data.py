@@ -1,26 +1,18 @@
 """Seed-synchronized data parallelism: every rank a shard of the batch, only scalars travel.
 
-All ranks see the same shuffled global batch of N examples (the epoch's permutation comes from
-the seed) and take a contiguous shard of ``n_r`` examples (sizes differ by at most one). The
-loss is a mean, so the full batch's directional derivative along ``v_k`` is
+Every rank is handed the same global batch of N examples and takes a contiguous shard of
+``n_r``. The loss is a mean, so along a direction ``v_k`` drawn on every rank from the same
+``(seed, step, tensor)``:
 
     d_k = ∇L_N · v_k = Σ_r (n_r / N) ∇L_r · v_k = Σ_r (n_r / N) d_{k,r}
 
-and ``v_k`` is drawn on every rank from the same ``(seed, step, tensor)``: each rank computes
-its own ``d_{·,r}`` (K numbers) and the loss, one all-gather of those K + 1 numbers per step
-gives every rank all of them, and every rank sums them in float64 in the same order. So
-every rank forms the same estimate ``g = (1/K) Σ_k c(d_k) v_k`` from the same bits and takes
-the same optimizer step: the parameters stay bit-identical without ever being sent, and the
-payload per step is ``(K + 1) · 4`` bytes per rank instead of the ``4 P`` bytes of a gradient.
-(An all-gather rather than an all-reduce makes the summation order the code's, not the
-backend's.) Zeroth order (``zo``, ``zo-sign``) works the same way with the K loss
-differences, sent in float64.
-
-Estimators without the scalar hook fall back to averaging gradients: backprop through
-``DistributedDataParallel`` (the baseline: its gradient buckets are all-reduced during the
-backward pass), any other estimator by one all-reduce of its flattened gradient after the
-step. Both weight rank ``r``'s gradient by ``n_r / N``, so the result is again the gradient
-estimate of the full batch.
+One all-gather of each rank's K + 1 numbers (its ``d_{·,r}`` and loss) per step, summed in
+float64 in rank order on every rank, gives every rank the same ``g = (1/K) Σ_k c(d_k) v_k``
+from the same bits: the parameters stay bit-identical without ever being sent, ``(K + 1)·4``
+bytes per rank and step instead of a gradient's ``4 P``. Zeroth order (``zo``, ``zo-sign``)
+sends its K loss differences the same way (float64). Other estimators average gradients with
+the weights ``n_r / N``: backprop through ``DistributedDataParallel`` (the baseline), any
+other by one all-reduce of its flattened gradient after the step.
 """
 
 from __future__ import annotations
@@ -33,9 +25,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..estimators import Backprop, Estimator
-from .comm import nbytes
-from .runtime import Session, tensor_digest
+from ..estimators import Backprop
+from ..train.worker import MakeEstimator, error_rate
+from .group import RankWorker, nbytes, tensor_digest
 
 
 def shard_sizes(n: int, world_size: int) -> list[int]:
@@ -51,109 +43,92 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return lo, lo + sizes[rank]
 
 
-def has_scalar_hook(est: Estimator) -> bool:
-    """Whether ``est`` can combine processes' directional numbers (its ``reduce`` hook)."""
-    return hasattr(type(est), "reduce")
-
-
-class ShardReducer:
-    """The ``reduce`` hook: ``(loss, d) -> Σ_r (n_r/N) (loss_r, d_r)`` by one all-gather.
-
-    Set :attr:`sizes` (every rank's shard size) and :attr:`label` before each step.
-    """
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.sizes = [1] * session.world_size
-        self.label = "all-gather of the directional derivatives"
-
-    def __call__(self, loss: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-        s = self.session
-        local = torch.cat([loss.detach().reshape(1).to(d.dtype), d.detach().reshape(-1)])
-        if self.sizes[s.rank] == 0:  # this rank ran on a stand-in example: it counts for 0
-            local = torch.zeros_like(local)
-        rows = s.comm.all_gather(local.to(s.device), self.label)  # (W, K + 1)
-        total = sum(self.sizes)
-        weights = torch.tensor([n / total for n in self.sizes], dtype=torch.float64,
-                               device=rows.device)
-        combined = (rows.double() * weights.unsqueeze(1)).sum(0)  # (K + 1,)
-        combined = combined.to(d.device)
-        return combined[0].to(loss.dtype), combined[1:].to(d.dtype).view_as(d)
-
-
-class DataParallelWorker:
-    """One rank of a data-parallel run (see the module docstring).
+class DataParallelWorker(RankWorker):
+    """One rank of a data-parallel run (see the module docstring); a
+    :class:`~forwardonly.train.Worker`.
 
     Arguments:
-        est: this rank's estimator over the full model (identical on every rank).
-        session: the rank's :class:`Session`.
+        device: the configured device (``cpu``: gloo; ``cuda``: nccl on ``cuda:LOCAL_RANK``).
+        timeout: ``dist_timeout`` in seconds.
     """
 
-    def __init__(self, est: Estimator, session: Session) -> None:
-        self.est = est
-        self.module: nn.Module = est.model
-        self.session = session
-        self.weight = 1.0
-        if has_scalar_hook(est):
+    def __init__(self, device: str = "cpu", timeout: float = 60.0) -> None:
+        super().__init__(device, timeout)
+        self.sizes = [1] * self.world_size  # every rank's shard of the current batch
+        self.weight = 1.0  # this rank's share n_r / N of it
+        self.label = ""
+
+    def attach(self, model: nn.Module, make_estimator: MakeEstimator) -> None:
+        self._module = model.to(self.device)
+        self.est = self._est = make_estimator(self._module)
+        if hasattr(type(self.est), "reduce"):  # fg-w, fg-sign, zo, zo-sign
             self.kind = "scalar"
-            self.reducer = ShardReducer(session)
-            est.reduce = self.reducer  # type: ignore[attr-defined]
-        elif isinstance(est, Backprop):
+            self.est.reduce = self.reduce  # type: ignore[attr-defined]
+        elif isinstance(self.est, Backprop):
             self.kind = "ddp"
             # buffers are not synchronized at each forward: evaluation runs on shards
             no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                        inspect.signature(DistributedDataParallel).parameters
                        else {"broadcast_buffers": False})
-            with session.watchdog.watch("DistributedDataParallel set-up"):
+            with self.watch("DistributedDataParallel set-up"):
                 ddp = DistributedDataParallel(
-                    self.module, **no_sync,
-                    device_ids=[session.device] if session.device.type == "cuda" else None)
+                    self._module, **no_sync,
+                    device_ids=[self.device] if self.device.type == "cuda" else None)
             ddp.register_comm_hook(self, _weighted_all_reduce)
-            self.ddp_est = Backprop(ddp, est.loss_fn, seed=est.seed)
+            self._est = Backprop(ddp, self.est.loss_fn, seed=self.est.seed)
         else:
             self.kind = "gradients"
 
-    @property
-    def estimator(self) -> Estimator:
-        return self.ddp_est if self.kind == "ddp" else self.est
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self._module.parameters() if p.requires_grad)
+        how = {"scalar": "only directional derivatives travel", "ddp": "DDP",
+               "gradients": "gradients all-reduced"}[self.kind]
+        return (f"data-parallel {self.est.name} on {self.world_size} ranks "
+                f"({self.backend}; {how}), {n:,} trainable parameters")
 
     # -- one training step -------------------------------------------------------------------
-    def step(self, x: Tensor, y: Tensor, idx: Tensor) -> dict[str, float]:
-        """One step on the global batch ``idx`` (indices into ``x``, ``y``): this rank takes
-        its shard; the returned stats are those of the global batch."""
-        s = self.session
-        sizes = shard_sizes(len(idx), s.world_size)
-        lo, hi = shard_bounds(len(idx), s.rank, s.world_size)
-        local = idx[lo:hi] if hi > lo else idx[:1]  # an empty shard runs one example, weight 0
-        xb, yb = x[local].to(s.device), y[local].to(s.device)
-        self.weight = sizes[s.rank] / len(idx)
-        label = f"step {self.estimator.steps_done + 1}"
+    def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """One step on the global batch ``(x, y)``: this rank takes its shard; the stats
+        returned are the global batch's."""
+        self.sizes = shard_sizes(len(x), self.world_size)
+        lo, hi = shard_bounds(len(x), self.rank, self.world_size)
+        if hi == lo:  # an empty shard runs one example, with weight 0
+            lo, hi = 0, 1
+        xb, yb = x[lo:hi].to(self.device), y[lo:hi].to(self.device)
+        self.weight = self.sizes[self.rank] / len(x)
+        label = f"step {self._est.steps_done + 1}"
         if self.kind == "scalar":
-            self.reducer.sizes = sizes
-            self.reducer.label = f"all-gather of the directional derivatives, {label}"
+            self.label = f"all-gather of the directional derivatives, {label}"
             return self.est.step(xb, yb)
         if self.kind == "ddp":
-            with s.watchdog.watch(f"DDP gradient all-reduce, {label}", local_work=True):
-                stats = self.ddp_est.step(xb, yb)
-            return self._average_stats(stats, f"all-reduce of the loss, {label}")
+            with self.watch(f"DDP gradient all-reduce, {label}"):
+                stats = self._est.step(xb, yb)
+            return self._average(stats, [], f"all-reduce of the loss, {label}")
         stats = self.est.step(xb, yb)
-        return self._average_gradients(stats, f"all-reduce of the gradient, {label}")
-
-    def _average_stats(self, stats: dict[str, float], label: str) -> dict[str, float]:
-        keys = sorted(stats)
-        t = torch.tensor([stats[k] * self.weight for k in keys], dtype=torch.float64,
-                         device=self.session.device)
-        t = self.session.comm.all_reduce(t, label)
-        return dict(zip(keys, t.tolist(), strict=True))
-
-    def _average_gradients(self, stats: dict[str, float], label: str) -> dict[str, float]:
         params = [p for _, p in self.est.trainable()]
+        return self._average(stats, params, f"all-reduce of the gradient, {label}")
+
+    def reduce(self, loss: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """The estimators' ``reduce`` hook: ``(loss, d) -> Σ_r (n_r/N) (loss_r, d_r)`` by one
+        all-gather, summed in float64 in rank order (the same bits on every rank)."""
+        local = torch.cat([loss.detach().reshape(1).to(d.dtype), d.detach().reshape(-1)])
+        if self.sizes[self.rank] == 0:  # this rank ran on a stand-in example: it counts for 0
+            local = torch.zeros_like(local)
+        rows = self.all_gather(local.to(self.device), self.label)  # (W, K + 1)
+        weights = torch.tensor(self.sizes, dtype=torch.float64, device=rows.device)
+        combined = (rows.double() * (weights / weights.sum()).unsqueeze(1)).sum(0)  # (K + 1,)
+        combined = combined.to(d.device)
+        return combined[0].to(loss.dtype), combined[1:].to(d.dtype).view_as(d)
+
+    def _average(self, stats: dict[str, float], params: list[Tensor], label: str
+                 ) -> dict[str, float]:
+        """``Σ_r (n_r/N)`` of ``params``' gradients and of ``stats``, in one all-reduce."""
         keys = sorted(stats)
-        dtype = params[0].grad.dtype if params else torch.float32
+        dtype = params[0].grad.dtype if params else torch.float64
         flat = torch.cat([p.grad.reshape(-1) for p in params]
                          + [torch.tensor([stats[k] for k in keys], dtype=dtype,
-                                         device=self.session.device)])
-        flat = self.session.comm.all_reduce(flat.mul_(self.weight), label)
+                                         device=self.device)])
+        flat = self.all_reduce(flat.mul_(self.weight), label)
         at = 0
         for p in params:
             p.grad.copy_(flat[at:at + p.numel()].view_as(p))
@@ -161,50 +136,36 @@ class DataParallelWorker:
         return dict(zip(keys, flat[at:].tolist(), strict=True))
 
     # -- the rest of the loop ----------------------------------------------------------------
-    @torch.no_grad()
-    def error_rate(self, x: Tensor, y: Tensor, batch_size: int, label: str) -> float:
+    def error_rate(self, x: Tensor, y: Tensor, batch_size: int) -> float:
         """Fraction misclassified; each rank scores its shard, one all-reduce of the counts."""
-        s = self.session
-        lo, hi = shard_bounds(len(x), s.rank, s.world_size)
-        was_training = self.module.training
-        self.module.eval()
-        wrong = 0
-        for i in range(lo, hi, batch_size):
-            j = min(i + batch_size, hi)
-            xb, yb = x[i:j].to(s.device), y[i:j].to(s.device)
-            wrong += int((self.est.predict(xb).argmax(-1) != yb).sum().item())
-        self.module.train(was_training)
-        total = s.comm.all_reduce(torch.tensor([wrong], dtype=torch.int64, device=s.device),
-                                  label)
+        lo, hi = shard_bounds(len(x), self.rank, self.world_size)
+        wrong = round(error_rate(self.est, x[lo:hi], y[lo:hi], batch_size) * (hi - lo))
+        total = self.all_reduce(torch.tensor([wrong], dtype=torch.int64, device=self.device),
+                             "the error count")
         return int(total.item()) / max(1, len(x))
 
     def clip_grad(self, max_norm: float) -> None:
         # every rank holds the same .grad: the local norm is the global one
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        torch.nn.utils.clip_grad_norm_(self._module.parameters(), max_norm)
 
-    def all_finite(self, label: str) -> bool:
-        ok = all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
-        return self.session.all_true(ok, label)
-
-    def check_in_sync(self, label: str) -> None:
+    def end_epoch(self, epoch: int) -> None:
         """Raise if any rank's parameters differ (by a single bit) from rank 0's."""
-        digest = tensor_digest(list(self.module.state_dict().values()))
-        s = self.session
-        all_digests = s.comm.all_gather(torch.tensor([digest], dtype=torch.int64,
-                                                     device=s.device), label).view(-1).tolist()
-        bad = [r for r, h in enumerate(all_digests) if h != all_digests[0]]
+        digest = tensor_digest(list(self._module.state_dict().values()))
+        digests = self.all_gather(torch.tensor([digest], dtype=torch.int64, device=self.device),
+                               f"the parameter check, epoch {epoch}").view(-1).tolist()
+        bad = [r for r, h in enumerate(digests) if h != digests[0]]
         if bad:
             raise RuntimeError(
-                f"the parameters of rank(s) {bad} differ from rank 0's after {label}: the ranks "
-                f"no longer compute the same update (a nondeterministic kernel, or different "
-                f"hardware/torch versions across ranks); run every rank on the same kind of "
-                f"device and torch version")
+                f"the parameters of rank(s) {bad} differ from rank 0's after epoch {epoch}: "
+                f"the ranks no longer compute the same update (a nondeterministic kernel, or "
+                f"different hardware/torch versions across ranks); run every rank on the same "
+                f"kind of device and torch version")
 
     def model_state(self) -> dict[str, Tensor] | None:
-        return self.module.state_dict() if self.session.is_writer else None
+        return self._module.state_dict() if self.is_writer else None
 
     def optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
-        return opt.state_dict() if self.session.is_writer else None
+        return opt.state_dict() if self.is_writer else None
 
     def load_optimizer_state(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         opt.load_state_dict(state)
@@ -215,6 +176,6 @@ def _weighted_all_reduce(worker, bucket):  # (DataParallelWorker, dist.GradBucke
     the hook's annotations against its own classes, so there are none.)"""
     buf = bucket.buffer()
     buf.mul_(worker.weight)
-    worker.session.comm.count("all_reduce", nbytes(buf), nbytes(buf))
+    worker.count("all_reduce", nbytes(buf), nbytes(buf))
     fut = dist.all_reduce(buf, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])

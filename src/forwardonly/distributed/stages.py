@@ -1,34 +1,22 @@
-"""Sharded layers: the model's layers split over the ranks as pipeline stages.
+"""Pipeline stages: the model's layers split over the ranks, each rank updating its own.
 
 An ``nn.Sequential`` model (``mlp``, ``cnn``; nested ones are flattened) is cut into W
-contiguous stages, one per rank, balanced by parameter count; a rank holds only its own
-layers' parameters and optimizer state ("parameter server" of its shard).
+contiguous stages balanced by parameter count; a rank holds only its stage's parameters and
+optimizer state. **Forward gradient** (``fg-w``, ``fg-sign``): stage ``s`` draws its tensors'
+directions from ``(seed, step, tensor index)`` — indices over the whole model, so exactly the
+single process's directions — carries the activation ``h`` and its K tangents ``ḣ`` from stage
+``s-1`` through its layers (forward mode, Baydin et al. 2022) and sends them on. The last
+stage broadcasts the loss and the K directional derivatives; every stage forms its share of
+``g = (1/K) Σ_k c(d_k) v_k`` by redrawing its ``v_k``. Nothing travels backward.
+**Backprop** (``bp``), the baseline: activations forward, input gradients backward.
 
-**Forward gradient** (``fg-w``, ``fg-sign``). Stage ``s`` draws the directions of its own
-tensors from ``(seed, step, tensor index)`` — the index counted over the whole model, so they
-are exactly the directions a single process draws — runs its layers on the activation ``h``
-and its K tangents ``ḣ`` received from stage ``s-1`` (Baydin et al. 2022, forward mode), and
-sends ``(h, ḣ)`` on to stage ``s+1``. The last stage computes the loss and the K directional
-derivatives ``d_k = ∇L·v_k`` and broadcasts those K + 1 numbers; then every stage forms its
-share of ``g = (1/K) Σ_k c(d_k) v_k`` by redrawing its own ``v_k`` and updates at once.
-Nothing travels backward.
-
-**Backprop** (``bp``), the baseline, through the same stages: activations forward, then the
-gradient with respect to each stage's input backward, stage by stage (the loss rides along
-with the gradient); a stage updates as soon as its own backward pass is done.
-
-Both compute exactly what the single-process run computes, op for op: the same parameters
-come out. Messages carry a small header, then ``h`` (B × width floats) and, for forward
-gradient, ``ḣ`` (K × B × width floats) — a forward-gradient pipeline moves K + 1 activations
-per boundary and step, backprop two (one each way).
+Both compute what the single process computes, op for op. A boundary's feature shape and
+dtype travel once (``dist.send_object_list``); after that, bare tensors: ``h`` (B × width) and
+``ḣ`` (K × B × width) — K + 1 activations per boundary and step, backprop two.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -43,9 +31,10 @@ from ..autodiff import (
     sequential_layers,
 )
 from ..config import ConfigError
-from ..estimators import Backprop, Estimator, ForwardGradient
+from ..estimators import Backprop, ForwardGradient
 from ..estimators.base import set_grad
-from .runtime import Session
+from ..train.worker import MakeEstimator
+from .group import RankWorker
 
 STAGE_METHODS = ("fg-w", "fg-sign", "bp")
 Layer = tuple[str, nn.Module]
@@ -110,18 +99,6 @@ def _balanced_cuts(costs: list[int], parts: int) -> list[int]:
     return cuts[::-1]
 
 
-@dataclass(frozen=True)
-class Phase:
-    """One bar of a stage's timeline (``perf_counter`` seconds, comparable across the
-    processes of one machine)."""
-
-    step: int
-    stage: int
-    phase: str
-    start: float
-    end: float
-
-
 def merge_optimizer_states(states: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
     """The per-stage optimizer states as the one state a single-process optimizer over the
     whole model has (its parameter indices run over all stages in order)."""
@@ -145,68 +122,70 @@ def split_optimizer_state(state: dict[str, Any], offset: int, count: int) -> dic
     return {"state": mine, "param_groups": [group]}
 
 
-class StageWorker:
-    """One rank of a stage-sharded run (see the module docstring).
+class StageWorker(RankWorker):
+    """One rank of a stage-sharded run (see the module docstring); a
+    :class:`~forwardonly.train.Worker`.
 
     Arguments:
-        model: the whole model, built identically on every rank; this rank keeps its stage.
-        make_estimator: builds the estimator (``fg-w``, ``fg-sign`` or ``bp``) over a module,
-            with the run's settings; it holds K, the distribution, the seed and the step count.
-        session: the rank's :class:`Session`.
-        timeline: when a list, every phase of every step is appended to it (:class:`Phase`).
+        device: the configured device (``cpu``: gloo; ``cuda``: nccl on ``cuda:LOCAL_RANK``).
+        timeout: ``dist_timeout`` in seconds.
     """
 
-    def __init__(self, model: nn.Module, make_estimator: Callable[[nn.Module], Estimator],
-                 session: Session, *, timeline: list[Phase] | None = None) -> None:
-        s = session
-        stages = split_stages(model, s.world_size)
-        self.session, self.timeline = s, timeline
-        self.layers = stages[s.rank]
-        self.module = nn.Sequential(*[m for _, m in self.layers])
+    def __init__(self, device: str = "cpu", timeout: float = 60.0) -> None:
+        super().__init__(device, timeout)
+        self._in_spec: tuple[tuple[int, ...], torch.dtype] | None = None  # from rank - 1
+        self._out_sent = False  # the spec of what this rank sends on has gone
+
+    def attach(self, model: nn.Module, make_estimator: MakeEstimator) -> None:
+        stages = split_stages(model, self.world_size)
+        self.layers = stages[self.rank]
+        self._module = nn.Sequential(*[m for _, m in self.layers]).to(self.device)
         self.counts = [trainable_count(nn.ModuleList(m for _, m in st))[0] for st in stages]
-        self.offset = sum(self.counts[:s.rank])
-        self.first, self.last = s.rank == 0, s.rank == s.world_size - 1
-        self.est = make_estimator(self.module)
+        self.offset = sum(self.counts[:self.rank])
+        self.first, self.last = self.rank == 0, self.rank == self.world_size - 1
+        self.est = self._est = make_estimator(self._module)
         if not isinstance(self.est, ForwardGradient | Backprop) or \
                 self.est.name not in STAGE_METHODS:
             raise ConfigError(f"--distributed stages trains with {', '.join(STAGE_METHODS)}; "
                               f"got method {self.est.name!r} (use --distributed data for it)")
-        self.describe = [f"stage {r}: layers {st[0][0]}..{st[-1][0]} "
-                         f"({trainable_count(nn.ModuleList(m for _, m in st))[1]:,} parameters)"
-                         for r, st in enumerate(stages)]
+        self.stages = [f"stage {r}: layers {st[0][0]}..{st[-1][0]} "
+                       f"({trainable_count(nn.ModuleList(m for _, m in st))[1]:,} parameters)"
+                       for r, st in enumerate(stages)]
 
-    @property
-    def estimator(self) -> Estimator:
-        return self.est
+    def describe(self) -> str:
+        return (f"stage-sharded {self.est.name} on {self.world_size} ranks "
+                f"({self.backend})" + "".join(f"\n  {d}" for d in self.stages))
 
-    def phase(self, name: str) -> Any:
-        if self.timeline is None:
-            return nullcontext()
-        return self._record(name)
+    # -- messages between neighbouring stages -------------------------------------------------
+    def send_on(self, tensors: list[Tensor], label: str) -> None:
+        """Activations (and tangents) to the next stage; the first time, their spec."""
+        if not self._out_sent:
+            self.send_object((tuple(tensors[0].shape[1:]), tensors[0].dtype), self.rank + 1, label)
+            self._out_sent = True
+        for t in tensors:
+            self.send(t, self.rank + 1, label)
 
-    @contextmanager
-    def _record(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            assert self.timeline is not None
-            self.timeline.append(Phase(self.est.steps_done + 1, self.session.rank, name, t0,
-                                       time.perf_counter()))
+    def recv_from_previous(self, batch: int, k: int | None, label: str) -> list[Tensor]:
+        """The activations of a batch of ``batch`` (and ``k`` tangents) from the previous
+        stage."""
+        if self._in_spec is None:
+            self._in_spec = self.recv_object(self.rank - 1, label)
+        features, dtype = self._in_spec
+        shapes = [(batch, *features)] + ([] if k is None else [(k, batch, *features)])
+        return [self.recv(torch.empty(s, dtype=dtype, device=self.device), self.rank - 1, label)
+                for s in shapes]
 
     # -- one training step -------------------------------------------------------------------
-    def step(self, x: Tensor, y: Tensor, idx: Tensor) -> dict[str, float]:
-        """One step on the global batch ``idx``: stage 0 reads ``x[idx]``, the last stage
-        ``y[idx]``; every rank gets the batch's stats."""
-        if isinstance(self.est, ForwardGradient):
-            stats = self._forward_gradient_step(x, y, idx)
-        else:
-            stats = self._backprop_step(x, y, idx)
+    def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """One step on the global batch ``(x, y)``: stage 0 reads ``x``, the last stage
+        ``y``; every rank gets the batch's stats."""
+        forward = isinstance(self.est, ForwardGradient)
+        stats = (self._forward_gradient_step if forward else self._backprop_step)(x, y)
         self.est.steps_done += 1
         return stats
 
-    def _forward_gradient_step(self, x: Tensor, y: Tensor, idx: Tensor) -> dict[str, float]:
-        est, s = self.est, self.session
+    def _forward_gradient_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        est = self.est
         assert isinstance(est, ForwardGradient)
         k, label = est.directions, f"step {est.steps_done + 1}"
         sampler = DirectionSampler(est.distribution, est.step_seed())
@@ -225,26 +204,23 @@ class StageWorker:
                 return sampler.dense(self.offset + i, p, 1, out=p.grad.unsqueeze(0))
             return sampler.dense(self.offset + i, p, k)
 
-        with self.phase("receive"):
-            if self.first:
-                h, h_dot = x[idx].to(s.device), None
-            else:
-                h, h_dot = s.comm.recv(s.rank - 1, f"activations and tangents, {label}")
-        with self.phase("forward+tangents"), torch.no_grad():
-            h, h_dot = run_layers(self.layers, h, h_dot, tangent, k)
-        if self.last:
-            with self.phase("loss"), torch.no_grad():
-                loss, d = loss_and_derivatives(est.loss_fn, h, h_dot, y[idx].to(s.device), k)
-                scalars = torch.cat([loss.reshape(1), d])  # (K + 1,)
+        if self.first:
+            h, h_dot = x.to(self.device), None
         else:
-            with self.phase("send"):
-                s.comm.send([h, h_dot], s.rank + 1, f"activations and tangents, {label}")
-            scalars = torch.empty(k + 1, dtype=h.dtype, device=s.device)
-        with self.phase("wait for d"):
-            s.comm.broadcast(scalars, s.world_size - 1, f"broadcast of d, {label}")
-        loss, d = scalars[0], scalars[1:]
-        coeffs = est.coefficients(d)
-        with self.phase("combine"), torch.no_grad():
+            h, h_dot = self.recv_from_previous(len(x), k, f"activations and tangents, {label}")
+        with torch.no_grad():
+            h, h_dot = run_layers(self.layers, h, h_dot, tangent, k)
+            if self.last:
+                loss, d = loss_and_derivatives(est.loss_fn, h, h_dot, y.to(self.device), k)
+                scalars = torch.cat([loss.reshape(1), d])  # (K + 1,)
+            else:
+                if h_dot is None:  # nothing before here is trained: the tangents are zero
+                    h_dot = h.new_zeros((k, *h.shape))
+                self.send_on([h, h_dot], f"activations and tangents, {label}")
+                scalars = torch.empty(k + 1, dtype=h.dtype, device=self.device)
+            self.broadcast(scalars, self.world_size - 1, f"broadcast of d, {label}")
+            loss, d = scalars[0], scalars[1:]
+            coeffs = est.coefficients(d)
             for i, p in enumerate(params):
                 if i in in_grad:
                     p.grad.mul_(coeffs[0])
@@ -252,36 +228,32 @@ class StageWorker:
                     set_grad(p, sampler.combine(self.offset + i, p, coeffs))
         return {"loss": loss.item(), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
-    def _backprop_step(self, x: Tensor, y: Tensor, idx: Tensor) -> dict[str, float]:
-        est, s = self.est, self.session
+    def _backprop_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        est = self.est
         label = f"step {est.steps_done + 1}"
         params = [p for _, p in est.trainable()]
         for p in params:
             p.grad = None
-        with self.phase("receive"):
-            if self.first:
-                h_in = x[idx].to(s.device)
-            else:
-                (h_in,) = s.comm.recv(s.rank - 1, f"activations, {label}")
-                h_in.requires_grad_(True)
-        with self.phase("forward"), torch.enable_grad():
-            out = self.module(h_in)
-            if self.last:
-                loss = est.loss_fn(out, y[idx].to(s.device))
-        if self.last:
-            with self.phase("backward"):
-                loss.backward()
-            loss = loss.detach().reshape(1)
+        if self.first:
+            h_in = x.to(self.device)
         else:
-            with self.phase("send"):
-                s.comm.send([out.detach()], s.rank + 1, f"activations, {label}")
-            with self.phase("wait for gradient"):
-                grad_out, loss = s.comm.recv(s.rank + 1, f"gradient, {label}")
-            with self.phase("backward"):
+            (h_in,) = self.recv_from_previous(len(x), None, f"activations, {label}")
+            h_in.requires_grad_(True)
+        with torch.enable_grad():
+            out = self._module(h_in)
+            if self.last:
+                loss = est.loss_fn(out, y.to(self.device))
+                loss.backward()
+                loss = loss.detach().reshape(1)
+            else:
+                self.send_on([out.detach()], f"activations, {label}")
+                # the gradient of out, and the loss, from the next stage
+                grad_out = self.recv(torch.empty_like(out), self.rank + 1, f"gradient, {label}")
+                loss = self.recv(out.new_empty(1), self.rank + 1, f"gradient, {label}")
                 out.backward(grad_out)
         if not self.first:
-            with self.phase("send"):
-                s.comm.send([h_in.grad, loss], s.rank - 1, f"gradient, {label}")
+            self.send(h_in.grad, self.rank - 1, f"gradient, {label}")
+            self.send(loss.to(h_in.dtype), self.rank - 1, f"gradient, {label}")
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -289,71 +261,56 @@ class StageWorker:
 
     # -- the rest of the loop ----------------------------------------------------------------
     @torch.no_grad()
-    def error_rate(self, x: Tensor, y: Tensor, batch_size: int, label: str) -> float:
+    def error_rate(self, x: Tensor, y: Tensor, batch_size: int) -> float:
         """Fraction misclassified, the batches flowing through the pipeline."""
-        s = self.session
-        was_training = self.module.training
-        self.module.eval()
+        was_training = self._module.training
+        self._module.eval()
         wrong = 0
         for i in range(0, len(x), batch_size):
-            h = x[i:i + batch_size].to(s.device) if self.first else \
-                s.comm.recv(s.rank - 1, f"{label}, batch {i // batch_size}")[0]
-            h = self.module(h)
+            xb = x[i:i + batch_size]
+            label = f"evaluation, batch {i // batch_size}"
+            h = xb.to(self.device) if self.first else \
+                self.recv_from_previous(len(xb), None, label)[0]
+            h = self._module(h)
             if self.last:
-                wrong += int((h.argmax(-1) != y[i:i + batch_size].to(s.device)).sum().item())
+                wrong += int((h.argmax(-1) != y[i:i + batch_size].to(self.device)).sum().item())
             else:
-                s.comm.send([h], s.rank + 1, f"{label}, batch {i // batch_size}")
-        self.module.train(was_training)
-        total = torch.tensor([wrong], dtype=torch.int64, device=s.device)
-        s.comm.broadcast(total, s.world_size - 1, label)
+                self.send_on([h], label)
+        self._module.train(was_training)
+        total = torch.tensor([wrong], dtype=torch.int64, device=self.device)
+        self.broadcast(total, self.world_size - 1, "the error count")
         return int(total.item()) / max(1, len(x))
 
     def clip_grad(self, max_norm: float) -> None:
         """Clip by the norm of the whole model's gradient (one all-reduce of the per-tensor
         norms; the same formula as ``torch.nn.utils.clip_grad_norm_``)."""
         params = [p for _, p in self.est.trainable()]
-        s = self.session
-        norms = torch.zeros(sum(self.counts), dtype=torch.float32, device=s.device)
+        norms = torch.zeros(sum(self.counts), dtype=torch.float32, device=self.device)
         if params:
             norms[self.offset:self.offset + len(params)] = torch.stack(
                 [torch.linalg.vector_norm(p.grad).float() for p in params])
-        norms = s.comm.all_reduce(norms, f"gradient norms, step {self.est.steps_done}")
+        norms = self.all_reduce(norms, f"gradient norms, step {self.est.steps_done}")
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.linalg.vector_norm(norms))
 
-    def all_finite(self, label: str) -> bool:
-        ok = all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
-        return self.session.all_true(ok, label)
-
-    def check_in_sync(self, label: str) -> None:
+    def end_epoch(self, epoch: int) -> None:
         """Nothing to check: each rank holds different parameters."""
-
-    def _stage_state(self) -> dict[str, Tensor]:
-        return {f"{name}.{key}": value.detach().cpu()
-                for name, layer in self.layers for key, value in layer.state_dict().items()}
 
     def model_state(self) -> dict[str, Tensor] | None:
         """The whole model's state dict on rank 0 (gathered), ``None`` elsewhere."""
-        parts = self.session.comm.gather_objects(self._stage_state(), 0, "gathering the model")
-        if parts is None:
-            return None
-        return {k: v for part in parts for k, v in part.items()}
+        mine = {f"{name}.{key}": value.detach().cpu()
+                for name, layer in self.layers for key, value in layer.state_dict().items()}
+        parts = self.gather_object(mine, 0, "gathering the model")
+        return None if parts is None else {k: v for part in parts for k, v in part.items()}
 
     def optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The whole model's optimizer state on rank 0 (as a single process has it)."""
-        state = _to_cpu(opt.state_dict())
-        parts = self.session.comm.gather_objects(state, 0, "gathering the optimizer state")
+        state = opt.state_dict()
+        state["state"] = {i: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in s.items()}
+                          for i, s in state["state"].items()}
+        parts = self.gather_object(state, 0, "gathering the optimizer state")
         return None if parts is None else merge_optimizer_states(parts, self.counts)
 
     def load_optimizer_state(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         opt.load_state_dict(split_optimizer_state(state, self.offset,
-                                                  self.counts[self.session.rank]))
+                                                  self.counts[self.rank]))
 
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
