@@ -164,10 +164,10 @@ def compare_configs(given: dict[str, Any], methods: list[str]) -> list[TrainConf
 def _check_buildable(configs: list[TrainConfig]) -> None:
     """Build every config's model and estimator once (on the data's shapes), so a method that
     cannot train the model is reported before the first one trains."""
-    from .data import load_dataset
     from .train import build
+    from .train.builders import load_data
 
-    data = load_dataset(configs[0].dataset, configs[0].data_dir)
+    data = load_data(configs[0])
     problems = []
     for cfg in configs:
         try:

@@ -28,7 +28,7 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 
 
 def build_model(
-    name: str, in_shape: tuple[int, int, int], num_classes: int, **options: Any
+    name: str, in_shape: tuple[int, ...], num_classes: int, **options: Any
 ) -> nn.Module:
     """The model ``name`` of :data:`MODELS` for examples of shape ``in_shape``.
 
