@@ -390,3 +390,23 @@ def test_max_restarts_recovers_a_killed_rank_bit_identically(tmp_path):
     assert state["model"].keys() == whole["model"].keys()
     for key, value in whole["model"].items():
         assert torch.equal(state["model"][key], value), key
+
+
+@slow
+def test_the_command_line_under_torchrun(tmp_path):
+    """The README's launch: two ranks of `forwardonly train`, then `forwardonly eval`."""
+    run = tmp_path / "dp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(forwardonly.__file__).parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "forwardonly", "train",
+           "--distributed", "data", "--widths", "16", "--directions", "2", "--epochs", "2",
+           "--no-progress", "--resume", "auto", "--out", str(run)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=2 * DEADLINE, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("test error") == 1  # rank 0 speaks for the group
+    assert load(run / "checkpoint.pt")["epoch"] == 2
+    evaluated = subprocess.run([sys.executable, "-m", "forwardonly", "eval", str(run)],
+                               capture_output=True, text=True, timeout=DEADLINE, env=env)
+    assert evaluated.returncode == 0 and "epoch 2, fg-w on digits" in evaluated.stdout
