@@ -171,7 +171,8 @@ def features_jvp(model: nn.Module, features: Callable[[Tensor], Tensor],
         ids = {id(p) for p in body}
         named = dict(model.named_parameters())
         moving = {n: p for n, p in named.items() if id(p) in ids}
-        fixed = {f"model.{n}": p for n, p in named.items() if n not in moving}
+        fixed: dict[str, Tensor] = {f"model.{n}": p for n, p in named.items()
+                                    if n not in moving}
         fixed.update({f"model.{n}": b for n, b in model.named_buffers()})
         primals = {f"model.{n}": p.detach() for n, p in moving.items()}
         tangents = {f"model.{n}": dense(tangent(p)) for n, p in moving.items()}

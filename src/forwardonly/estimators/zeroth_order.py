@@ -7,7 +7,8 @@ arXiv 2305.17333). For each direction ``z_k`` (regenerated from a seed, never st
 
 The parameters are perturbed *in place* (``θ += εz``, ``θ −= 2εz``, ``θ += εz``), so a step
 needs no copy of the parameters: the memory of inference plus one tensor's direction. The
-restore is exact up to float rounding (about one ulp of θ per step).
+restore is exact up to float rounding (about one ulp of θ per step), and bit for bit when
+every ``θ ± εz`` is representable (e.g. ±1 entries, ε a power of two, θ on a coarser grid).
 
 Only parameters with ``requires_grad`` are perturbed (``--train-params`` freezes the rest):
 the estimate is that of the gradient restricted to them. ``distribution="lowrank"`` perturbs
@@ -186,8 +187,9 @@ class ZerothOrder(Estimator):
             losses.append(loss)
             coeffs.append(c)
         d = torch.tensor(coeffs)
-        loss = sum(losses) / len(losses) if self.exact_head is None else self._base
-        return {"loss": loss, "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
+        mean = sum(losses) / len(losses) if self._base is None or self.exact_head is None \
+            else self._base
+        return {"loss": mean, "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
     def _estimate_reduced(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
         """As ``_estimate``, but the K raw numbers of all processes are combined (one
@@ -208,8 +210,9 @@ class ZerothOrder(Estimator):
         for sampler, c in zip(samplers, coeffs, strict=True):
             self._perturb(sampler, 0.0, c / self.directions)
         d = torch.tensor(coeffs)
-        loss = mean_loss.item() if self.exact_head is None else self._base
-        return {"loss": loss, "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
+        mean = mean_loss.item() if self._base is None or self.exact_head is None \
+            else self._base
+        return {"loss": mean, "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
 
 @register("zo-sign")
