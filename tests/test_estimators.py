@@ -35,7 +35,7 @@ def estimate(model, method, x, y, **options):
 DIRECTIONS = 20_000
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "rank1"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "rank1", "lowrank"])
 @pytest.mark.parametrize("method", ["fg-w", "zo"])
 def test_unbiased_estimators_converge_to_gradient(method, distribution):
     model, x, y, exact = tiny_problem()
@@ -143,6 +143,8 @@ def test_every_estimator_lowers_the_loss_on_digits(method):
 @pytest.mark.parametrize("bad,match", [
     ({"directions": 0}, "directions must be a positive integer"),
     ({"distribution": "uniform"}, "distribution must be one of"),
+    ({"distribution": "lowrank", "direction_rank": 0}, "direction_rank must be a positive"),
+    ({"exact_head": True}, "exact_head needs a model with a linear readout `head`"),
 ])
 def test_bad_options_are_rejected(bad, match):
     model, *_ = tiny_problem()
@@ -166,6 +168,8 @@ def test_bad_inputs_are_rejected():
 @pytest.mark.parametrize("method,options", [
     ("fg-w", {"directions": 1}), ("fg-w", {"directions": 3}),
     ("fg-w", {"directions": 2, "distribution": "rank1"}), ("fg-sign", {"directions": 2}),
+    ("fg-w", {"directions": 2, "distribution": "lowrank", "direction_rank": 3}),
+    ("zo", {"directions": 2, "distribution": "lowrank", "direction_rank": 3}),
     ("zo", {"directions": 1}), ("zo", {"directions": 3}), ("zo-sign", {"directions": 2}),
     ("bp", {}),
 ])
@@ -183,3 +187,177 @@ def test_inplace_sgd_step_equals_step_then_sgd(method, options):
         assert p.grad is None
         assert torch.allclose(p, q, rtol=1e-9, atol=1e-9)
     assert est.steps_done == 1
+
+
+# -- subspaces: lowrank directions, some parameters frozen, an exact head ------------------
+
+class HeadMLP(nn.Module):
+    """A body (4 → 3, tanh: 15 parameters) and a linear readout ``head`` (3 → 3: 12)."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).to(dtype)
+        self.head = nn.Linear(3, 3).to(dtype)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def exact_grads(model, x, y):
+    """{name: autograd's gradient} of the trainable parameters (the model's .grad cleared)."""
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def head_problem(dtype=torch.float64):
+    torch.manual_seed(3)
+    model = HeadMLP(dtype)
+    x, y = torch.randn(32, 4, dtype=dtype), torch.randint(0, 3, (32,))
+    return model, x, y
+
+
+def flat(grads, names):
+    return torch.cat([grads[n].flatten() for n in names])
+
+
+# Options for a mean of many directions (relative error ≈ sqrt((n + 1)/K) for n = 15 perturbed
+# parameters: 0.03 for fg-w's 20,000 directions, 0.09 for zo's 2,000; cosine > 0.99 either way).
+MANY = {"fg-w": {"directions": DIRECTIONS}, "zo": {"directions": 2_000, "epsilon": 1e-5}}
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("method", ["fg-w", "zo"])
+def test_lowrank_estimates_are_unbiased(method, rank):
+    """Rank-r directions, through the layer-by-layer path (nn.Sequential, factored Linear
+    rule) for fg-w: the mean estimate is the gradient (cosine, and the norm within 4 relative
+    standard errors)."""
+    model, x, y, exact = tiny_problem()
+    opts = MANY[method]
+    g = estimate(model, method, x, y, distribution="lowrank", direction_rank=rank, **opts)
+    assert F.cosine_similarity(g, exact, dim=0) > 0.99
+    k = opts["directions"]
+    assert g.norm() / exact.norm() == pytest.approx(1.0, abs=4 * math.sqrt(16 / k) + 0.02)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
+@pytest.mark.parametrize("method", ["fg-w", "zo"])
+def test_only_trainable_parameters_are_perturbed(method, distribution):
+    """With the head frozen (requires_grad False, as --train-params leaves it), the estimate
+    touches only the body: the head's .grad stays None and its values are bit-identical, and
+    the body's estimate is unbiased (the whole-model torch.func path: HeadMLP is no
+    nn.Sequential)."""
+    model, x, y = head_problem()
+    model.head.requires_grad_(False)
+    head_before = [p.clone() for p in model.head.parameters()]
+    exact = exact_grads(model, x, y)
+    est = make_estimator(method, model, F.cross_entropy, seed=2, distribution=distribution,
+                         direction_rank=2, **MANY[method])
+    est.step(x, y)
+    assert all(p.grad is None for p in model.head.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(model.head.parameters(), head_before,
+                                                 strict=True))
+    names = list(exact)
+    got = flat({n: p.grad for n, p in model.named_parameters()}, names)
+    assert F.cosine_similarity(got, flat(exact, names), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "lowrank"])
+@pytest.mark.parametrize("method", ["fg-w", "zo", "fg-sign", "zo-sign"])
+def test_exact_head_gets_the_exact_gradient(method, distribution):
+    """exact_head: the head's .grad is autograd's (1e-10 in float64, whatever the directions),
+    and the body's estimate is unbiased for fg-w and zo (cosine over many directions)."""
+    model, x, y = head_problem()
+    exact = exact_grads(model, x, y)
+    opts = MANY.get(method, {"directions": 3})
+    est = make_estimator(method, model, F.cross_entropy, seed=4, exact_head=True,
+                         distribution=distribution, direction_rank=2, **opts)
+    stats = est.step(x, y)
+    for name in ("head.weight", "head.bias"):
+        got = dict(model.named_parameters())[name].grad
+        torch.testing.assert_close(got, exact[name], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        assert stats["loss"] == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-12)
+    assert stats["dir_deriv_rms"] > 0
+    if method in MANY:
+        body = [n for n in exact if n.startswith("body.")]
+        got = flat({n: p.grad for n, p in model.named_parameters()}, body)
+        assert F.cosine_similarity(got, flat(exact, body), dim=0) > 0.99
+
+
+def test_exact_head_with_a_frozen_body_trains_only_the_head():
+    model, x, y = head_problem()
+    model.body.requires_grad_(False)
+    exact = exact_grads(model, x, y)
+    for method in ("fg-w", "zo"):
+        model.zero_grad(set_to_none=True)
+        stats = make_estimator(method, model, F.cross_entropy, exact_head=True).step(x, y)
+        assert stats["dir_deriv_rms"] == 0.0
+        assert all(p.grad is None for p in model.body.parameters())
+        torch.testing.assert_close(model.head.weight.grad, exact["head.weight"])
+
+
+@pytest.mark.parametrize("options", [
+    {"directions": 1}, {"directions": 3, "distribution": "lowrank", "direction_rank": 2},
+])
+@pytest.mark.parametrize("method", ["fg-w", "zo"])
+def test_exact_head_inplace_sgd_step_equals_step_then_sgd(method, options):
+    """sgd_step with an exact head: the head updated in place too, nothing left in .grad."""
+    lr, wd = 0.1, 0.01
+    model, x, y = head_problem()
+    twin = copy.deepcopy(model)
+    make_estimator(method, model, F.cross_entropy, seed=3, exact_head=True, **options
+                   ).step(x, y)
+    with torch.no_grad():
+        expected = [(p - lr * p.grad) * (1 - lr * wd) for p in model.parameters()]
+    est = make_estimator(method, twin, F.cross_entropy, seed=3, exact_head=True, **options)
+    est.sgd_step(x, y, lr=lr, weight_decay=wd)
+    for p, q in zip(twin.parameters(), expected, strict=True):
+        assert p.grad is None
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("distribution,rank", [("rademacher", 4), ("lowrank", 4),
+                                               ("lowrank", 1)])
+def test_inplace_zo_with_exact_head_restores_parameters_bit_for_bit(distribution, rank):
+    """Perturb (+εz), perturb (−2εz), restore (+εz), lr = 0: the parameters come back
+    bit-identical. Bit-identity needs every θ ± εz to be exact in floating point: here θ is a
+    multiple of 2⁻²⁰ below 1 in float64, ε = 2⁻¹⁰ and the entries of z are multiples of 1/2
+    (±1, or (Σ of 4 signs)/√4): every sum is a multiple of 2⁻²¹ below 4. In general the
+    restore is exact up to rounding — one ulp of θ per step (test_zeroth_order_restores_...).
+    """
+    model, x, y = head_problem()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.round(p.clamp(-0.9, 0.9) * 2**20) / 2**20)
+    before = [p.clone() for p in model.parameters()]
+    for k in (1, 3):  # K = 3 takes the path that restores before forming the update
+        est = make_estimator("zo", model, F.cross_entropy, seed=1, directions=k,
+                             exact_head=True, epsilon=2**-10, distribution=distribution,
+                             direction_rank=rank)
+        est.sgd_step(x, y, lr=0.0)
+        for p, q in zip(model.parameters(), before, strict=True):
+            assert p.grad is None and torch.equal(p, q)
+    # and with lr > 0 only the applied update moves them: the same as step() then θ −= lr·g
+    est = make_estimator("zo", copy.deepcopy(model), F.cross_entropy, seed=1, exact_head=True,
+                         epsilon=2**-10)
+    est.step(x, y)
+    expected = [p - 0.5 * p.grad for p in est.model.parameters()]
+    make_estimator("zo", model, F.cross_entropy, seed=1, exact_head=True, epsilon=2**-10
+                   ).sgd_step(x, y, lr=0.5)
+    for p, q in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
+
+
+def test_exact_head_is_refused_with_data_parallel_reduction():
+    model, x, y = head_problem()
+    for method in ("fg-w", "zo"):
+        est = make_estimator(method, model, F.cross_entropy, exact_head=True)
+        est.reduce = lambda loss, d: (loss, d)
+        with pytest.raises(NotImplementedError, match="exact_head does not yet combine"):
+            est.step(x, y)

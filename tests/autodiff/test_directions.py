@@ -8,8 +8,12 @@ from forwardonly.autodiff import (
     DISTRIBUTIONS,
     DirectionSampler,
     Rank1,
+    linear_jvp,
     rademacher,
+    run_layers,
 )
+from forwardonly.autodiff.directions import LowRank
+from forwardonly.autodiff.rules import dense
 from forwardonly.seeding import mix_seed
 
 N = 40_000  # samples for the moment checks
@@ -26,7 +30,8 @@ def test_second_moment_is_the_identity(distribution):
     """Every entry of the sample E[v vᵀ] is within 6 standard errors of I.
 
     An entry is a mean of N products with variance at most 2 (Gaussian diagonal: E[v⁴] − 1
-    = 2; off-diagonal and ±1 products: 1), so its standard error is ≤ sqrt(2/N) = 0.0071
+    = 2; lowrank diagonal: E[v⁴] − 1 = 2 − 2/r; off-diagonal and ±1 products: 1), so its
+    standard error is ≤ sqrt(2/N) = 0.0071
     and the bound 6·sqrt(2/N) = 0.042 fails by chance with probability < 1e-7 per entry.
     """
     like = torch.empty(3, 4)  # 12 entries: a matrix, so rank1 draws factored directions
@@ -101,7 +106,7 @@ def test_dtype_and_device_follow_the_tensor(distribution, dtype):
 
 def test_bad_distribution_names_are_clear_errors():
     with pytest.raises(ValueError, match="distribution must be one of 'gaussian', "
-                       "'rademacher', 'rank1', got 'uniform'"):
+                       "'rademacher', 'rank1', 'lowrank', got 'uniform'"):
         DirectionSampler("uniform", 0)
     with pytest.raises(ValueError, match="one of 'gaussian', 'rademacher', got 'rank1'"):
         DirectionSampler("rank1", 0, valid=ACTIVITY_DISTRIBUTIONS)
@@ -131,3 +136,100 @@ def test_rademacher_signs_are_balanced_and_exact():
     assert u.reshape(-1, 64).mean(0).abs().max() < 0.05  # 4000 draws per column, 3.2 sigma
     odd = rademacher(13, torch.Generator().manual_seed(1), dtype=torch.float64)
     assert odd.shape == (13,) and odd.dtype == torch.float64
+
+
+# -- lowrank: V = (1/√r) Σ_i b_i a_iᵀ ---------------------------------------------------
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 7])
+def test_lowrank_second_moment_is_the_identity_for_every_rank(rank):
+    """E[vec V vec Vᵀ] = I for every r (tolerance as in test_second_moment_is_the_identity:
+    6 standard errors, the entries' variance being at most 2)."""
+    like = torch.empty(3, 4)
+    v = DirectionSampler("lowrank", step_seed=13, rank=rank).dense(0, like, N)
+    tol = 6 * (2 / N) ** 0.5
+    err = (second_moment(v) - torch.eye(12, dtype=torch.float64)).abs().max().item()
+    assert err < tol, (rank, err)
+    assert v.double().mean(0).abs().max().item() < 6 / N**0.5
+    # the fourth moment of an entry is 3 − 2/r (lighter-tailed than Gaussian factors' 3 + 6/r)
+    m4 = v.double().pow(4).mean().item()
+    assert m4 == pytest.approx(3 - 2 / rank, abs=6 * (40 / (12 * N)) ** 0.5)
+
+
+def test_lowrank_of_rank_one_is_the_rank1_distribution():
+    """r = 1 draws exactly the rank1 directions (same signs), hence the same covariance."""
+    for shape in [(5, 4), (3, 2, 2), (7,)]:
+        like = torch.empty(shape, dtype=torch.float64)
+        low = DirectionSampler("lowrank", step_seed=6, rank=1)
+        one = DirectionSampler("rank1", step_seed=6)
+        assert torch.equal(low.dense(2, like, 9), one.dense(2, like, 9))
+    c = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    like = torch.empty(4, 5, dtype=torch.float64)
+    assert torch.equal(DirectionSampler("lowrank", 1, rank=1).combine(0, like, c),
+                       DirectionSampler("rank1", 1).combine(0, like, c))
+
+
+def test_lowrank_factors_are_the_dense_lowrank_directions():
+    sampler = DirectionSampler("lowrank", step_seed=4, rank=3)
+    like = torch.empty(5, 2, 3, dtype=torch.float64)  # conv-like: factored as 5 × 6
+    assert sampler.is_factored(like.shape) and not sampler.is_factored(torch.Size([5]))
+    f = sampler.factors(0, like, 2)
+    assert isinstance(f, LowRank) and f.rank == 3
+    assert f.b.shape == (2, 3, 5) and f.a.shape == (2, 3, 6)
+    assert set(f.a.unique().tolist()) == {-1.0, 1.0} and set(f.b.unique().tolist()) == {-1.0, 1.0}
+    v = sampler.dense(0, like, 2)
+    expected = torch.einsum("kiq,kip->kqp", f.b, f.a).reshape(2, 5, 2, 3) / 3**0.5
+    torch.testing.assert_close(v, expected, rtol=1e-15, atol=1e-15)
+    assert torch.linalg.matrix_rank(v[0].reshape(5, 6)).item() == 3
+    vec = sampler.dense(1, torch.empty(5), 3)  # vectors: plain ±1
+    assert vec.shape == (3, 5) and set(vec.unique().tolist()) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("rank", [0, -2, 1.5, True])
+def test_bad_direction_rank_is_a_clear_error(rank):
+    with pytest.raises(ValueError, match="direction_rank must be a positive integer"):
+        DirectionSampler("lowrank", 0, rank=rank)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("batch", [(), (6,), (2, 5)])
+def test_factored_linear_jvp_equals_dense(rank, batch):
+    """The Linear rule with LowRank factors, ((x A) Bᵀ)/√r, equals x Vᵀ with V dense
+    (float64, 1e-12), with an input tangent and a bias tangent as well."""
+    torch.manual_seed(0)
+    k, p, q = 4, 7, 5
+    dt = torch.float64
+    h = torch.randn(*batch, p, dtype=dt)
+    h_dot = torch.randn(k, *batch, p, dtype=dt)
+    w, b = torch.randn(q, p, dtype=dt), torch.randn(q, dtype=dt)
+    sampler = DirectionSampler("lowrank", step_seed=3, rank=rank)
+    w_dot, b_dot = sampler.factors(0, w, k), sampler.dense(1, b, k)
+    y, y_dot = linear_jvp(h, h_dot.clone(), w, b, w_dot, b_dot)
+    y_ref, y_dot_ref = linear_jvp(h, h_dot.clone(), w, b, w_dot.materialize(), b_dot)
+    assert y_dot.shape == (k, *batch, q)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y_dot, y_dot_ref, rtol=1e-12, atol=1e-12)
+    # and against the definition, one direction at a time
+    for j in range(k):
+        v = w_dot.materialize()[j]
+        ref = h_dot[j] @ w.T + h @ v.T + b_dot[j]
+        torch.testing.assert_close(y_dot[j], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_run_layers_with_lowrank_tangents_equals_dense():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+                                ).double()
+    layers = [(str(i), m) for i, m in enumerate(model)]
+    params = list(model.parameters())
+    sampler = DirectionSampler("lowrank", 8, rank=2)
+    index = {id(p): i for i, p in enumerate(params)}
+
+    def factored(p):
+        i = index[id(p)]
+        return sampler.factors(i, p, 3) if sampler.is_factored(p.shape) else sampler.dense(i, p, 3)
+
+    x = torch.randn(4, 6, dtype=torch.float64)
+    h, h_dot = run_layers(layers, x, None, factored, 3)
+    h_ref, h_dot_ref = run_layers(layers, x, None, lambda p: dense(factored(p)), 3)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+    torch.testing.assert_close(h_dot, h_dot_ref, rtol=1e-12, atol=1e-12)

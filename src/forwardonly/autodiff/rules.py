@@ -5,7 +5,8 @@ one per direction; ``None`` stands for an all-zero tangent (nothing before the l
 depends on a perturbed quantity yet). Hand-written rules:
 
 - Linear ``y = x Wᵀ + b``: ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ``; for a rank-one ``Ẇ = b aᵀ`` the middle
-  term is the outer product ``(x a) bᵀ`` (:func:`linear_jvp`).
+  term is the outer product ``(x a) bᵀ``, for a rank-r ``Ẇ = B Aᵀ/√r`` it is
+  ``((x A) Bᵀ)/√r``: ``r(p + q)`` per example instead of ``pq`` (:func:`linear_jvp`).
 - ReLU: ``ẏ = [y > 0] ⊙ ẋ`` (:func:`relu_tangent`).
 - Other elementwise activations: ``ẏ = σ'(x) ⊙ ẋ``, the slope from one JVP with a ones
   tangent (:func:`activation_jvp`).
@@ -29,12 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from .directions import Rank1
+from .directions import Factored, LowRank, Rank1
 
 #: ``loss_fn(outputs, targets) -> scalar`` (a mean over the batch)
 LossFn = Callable[[Tensor, Tensor], Tensor]
-#: tangent(param) -> (K, *param.shape) dense directions, or their rank-one factors
-TangentFn = Callable[[nn.Parameter], "Tensor | Rank1"]
+#: tangent(param) -> (K, *param.shape) dense directions, or their rank-one / rank-r factors
+TangentFn = Callable[[nn.Parameter], "Tensor | Factored"]
 Rule = Callable[[Any, Tensor, "Tensor | None", TangentFn, int], "tuple[Tensor, Tensor | None]"]
 
 #: Parameter-free elementwise activations: their tangent is the input tangent times a slope.
@@ -50,14 +51,15 @@ class ForwardModeError(RuntimeError):
 # -- the rules --------------------------------------------------------------------------
 
 def linear_jvp(h: Tensor, h_dot: Tensor | None, weight: Tensor, bias: Tensor | None,
-               w_dot: Tensor | Rank1 | None = None, b_dot: Tensor | None = None
+               w_dot: Tensor | Factored | None = None, b_dot: Tensor | None = None
                ) -> tuple[Tensor, Tensor | None]:
     """``y = h Wᵀ + b`` and ``ẏ = ḣ Wᵀ + h Ẇᵀ + ḃ``.
 
     Arguments:
         h: ``(..., p)`` input; ``h_dot``: ``(K, ..., p)`` tangents or None (zero).
         weight, bias: ``(q, p)`` and ``(q,)`` (bias may be None).
-        w_dot: ``(K, q, p)`` weight tangents, their :class:`Rank1` factors, or None.
+        w_dot: ``(K, q, p)`` weight tangents, their :class:`Rank1` or :class:`LowRank`
+            factors, or None.
         b_dot: ``(K, q)`` bias tangents or None.
 
     Returns:
@@ -70,12 +72,19 @@ def linear_jvp(h: Tensor, h_dot: Tensor | None, weight: Tensor, bias: Tensor | N
         if isinstance(w_dot, Rank1):
             proj = h @ w_dot.a.T  # (..., K)
             term = proj.movedim(-1, 0).unsqueeze(-1) * _lift(w_dot.b, h.dim())  # (K, ..., q)
+        elif isinstance(w_dot, LowRank):
+            k, r, q = w_dot.b.shape
+            proj = (h @ w_dot.a.reshape(k * r, -1).T).mul_(w_dot.scale)  # (..., K r)
+            proj = proj.reshape(-1, k, r).transpose(0, 1)  # (K, N, r), N = prod(...)
+            term = torch.bmm(proj, w_dot.b).view(k, *h.shape[:-1], q)  # (K, ..., q)
         elif w_dot.shape[0] == 1 and h.dim() == 2:  # accumulate in place: no (B, q) buffer
             if y_dot is None:
                 y_dot = (h @ w_dot[0].T).unsqueeze(0)
             else:
                 y_dot[0].addmm_(h, w_dot[0].T)
             term = None
+        elif h.dim() == 1:  # (K, q, p) @ (p,) -> (K, q)
+            term = w_dot @ h
         else:  # (1, ..., p) @ (K, 1.., p, q) -> (K, ..., q)
             w_t = w_dot.transpose(1, 2)
             term = torch.matmul(h.unsqueeze(0), w_t.view(w_t.shape[0], *[1] * (h.dim() - 2),
@@ -159,9 +168,9 @@ def _generic_layer(layer: nn.Module, h: Tensor, h_dot: Tensor | None, tangent: T
     return batched_jvp(f, (primals, h), (tangents, h_dot), k, multi=True)
 
 
-def dense(t: Tensor | Rank1) -> Tensor:
-    """Dense ``(K, *shape)`` directions from either form."""
-    return t.materialize() if isinstance(t, Rank1) else t
+def dense(t: Tensor | Factored) -> Tensor:
+    """Dense ``(K, *shape)`` directions from any form."""
+    return t.materialize() if isinstance(t, (Rank1, LowRank)) else t
 
 
 RULES: dict[type, Rule] = {

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from ..autodiff import LossFn
 from ..seeding import mix_seed
 
-__all__ = ["ESTIMATORS", "Estimator", "LossFn", "make_estimator", "mix_seed", "register",
-           "set_grad"]
+__all__ = ["ESTIMATORS", "Estimator", "ExactHead", "LossFn", "make_estimator", "mix_seed",
+           "register", "set_grad"]
 
 ESTIMATORS: dict[str, type[Estimator]] = {}
 
@@ -151,3 +151,58 @@ def set_grad(param: Tensor, value: Tensor) -> None:
         param.grad = value.detach().to(param.dtype).clone()
     else:
         param.grad.copy_(value)
+
+
+class ExactHead:
+    """A model's linear readout trained with its exact gradient, for ``exact_head=True``.
+
+    The readout's gradient is local: ``∂L/∂W_head`` needs only the features ``h`` the head
+    reads (``model.features(x)``), so autograd through the head alone gives it exactly, with
+    no backward pass into the rest of the model (Ren et al. 2023, arXiv 2210.03310, train
+    their FG-W heads the same way). The model must satisfy ``model(x) == model.head(
+    model.features(x))``.
+
+    Arguments:
+        model: a module with a ``head`` (``nn.Linear``) and a ``features(x)`` method.
+        method: the estimator's name, for the error message.
+    """
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        head, features = getattr(model, "head", None), getattr(model, "features", None)
+        if not isinstance(head, nn.Linear) or not callable(features):
+            raise ValueError(
+                f"exact_head needs a model with a linear readout `head` (an nn.Linear) and a "
+                f"`features(x)` method returning the head's input; {type(model).__name__} "
+                f"has {'no head' if head is None else 'a head of type ' + type(head).__name__}"
+                f"{'' if callable(features) else ' and no features method'}. Use a model "
+                f"built with a head, or drop exact_head ({method})"
+            )
+        self.head = head
+        self.features: Callable[[Tensor], Tensor] = features
+        self._ids = {id(p) for p in head.parameters()}
+
+    def owns(self, param: Tensor) -> bool:
+        """Whether ``param`` belongs to the head (and so gets no random direction)."""
+        return id(param) in self._ids
+
+    def gradient(self, loss_fn: LossFn, feats: Tensor, targets: Tensor, *,
+                 wrt_features: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The loss ``loss_fn(head(feats), targets)``; writes the head's exact gradient into
+        the ``.grad`` of its trainable parameters.
+
+        Arguments:
+            feats: ``(B, ..., p)`` the head's input (detached here: nothing flows back).
+            wrt_features: also return ``∂L/∂feats`` (same shape), from the same backward.
+
+        Returns:
+            ``(loss, ∂L/∂feats or None)``, both detached.
+        """
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            h = feats.detach().requires_grad_(wrt_features)
+            loss = loss_fn(self.head(h), targets)
+            wrt = [*params, h] if wrt_features else params
+            grads = torch.autograd.grad(loss, wrt) if wrt else ()
+        for p, g in zip(params, grads, strict=False):
+            set_grad(p, g)
+        return loss.detach(), (grads[-1] if wrt_features else None)

@@ -13,7 +13,17 @@ number of parameters ``n`` (the curse of dimensionality).
 step moves along ``−sign(d)·v``, a descent direction whenever ``d ≠ 0``, but not unbiased.
 
 Directions are drawn per parameter tensor from ``(seed, step, tensor index)`` when the layer
-runs and drawn again to form ``g``; they are never kept beyond the step.
+runs and drawn again to form ``g``; they are never kept beyond the step. Only parameters with
+``requires_grad`` get a direction (``--train-params`` freezes the rest): the estimate is
+unbiased for the gradient restricted to that subspace, and frozen parameters get no ``.grad``.
+``distribution="lowrank"`` draws rank-``direction_rank`` directions for weight matrices.
+
+``exact_head=True`` ("heads exact", as Ren et al. 2023 train their FG-W heads, arXiv
+2210.03310): the model's linear readout ``model.head`` gets its exact gradient — local, it
+needs only the features ``h = model.features(x)`` — and the directions perturb only the
+other parameters. The JVP pass runs through ``features`` and its primal output is ``h`` at
+θ; one autograd pass through the head alone gives both the head's gradient and ``∂L/∂h``,
+and the body's directional derivatives are ``d_k = ∂L/∂h · ḣ_k`` (the chain rule, exact).
 """
 
 from __future__ import annotations
@@ -22,9 +32,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from ..autodiff import DirectionSampler, LossFn, Rank1, directional_derivatives
-from .base import Estimator, register, set_grad
+from ..autodiff import DirectionSampler, ForwardModeError, LossFn, directional_derivatives
+from ..autodiff.directions import Factored, check_rank
+from ..autodiff.rules import TangentFn, batched_jvp, dense, failure_message
+from .base import Estimator, ExactHead, register, set_grad
 
 
 @register("fg-w")
@@ -34,8 +47,12 @@ class ForwardGradient(Estimator):
     Arguments:
         model, loss_fn, seed: see :class:`Estimator`.
         directions: K, the number of directions averaged per step (one batched pass).
-        distribution: ``"gaussian"`` (Baydin et al.), ``"rademacher"`` or ``"rank1"``
-            (see :mod:`forwardonly.autodiff.directions`).
+        distribution: ``"gaussian"`` (Baydin et al.), ``"rademacher"``, ``"rank1"`` or
+            ``"lowrank"`` (see :mod:`forwardonly.autodiff.directions`).
+        direction_rank: r of the ``lowrank`` directions, ``V = (1/√r) Σ_i b_i a_iᵀ`` per weight
+            matrix (a positive integer; accepted and unused by the other distributions).
+        exact_head: train ``model.head`` (an ``nn.Linear``) with its exact gradient from
+            ``model.features(x)``, and draw directions for the other parameters only.
     """
 
     #: Combines this process's ``(loss, d)`` with the other processes' before the estimate is
@@ -44,13 +61,26 @@ class ForwardGradient(Estimator):
     reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
-                 distribution: str = "gaussian", seed: int = 0) -> None:
+                 distribution: str = "gaussian", direction_rank: int = 4,
+                 exact_head: bool = False, seed: int = 0) -> None:
         super().__init__(model, loss_fn, seed=seed)
         if int(directions) < 1:
             raise ValueError(f"directions must be a positive integer, got {directions}")
+        self.direction_rank = check_rank(direction_rank)
         DirectionSampler(distribution, 0)  # validates the name
         self.directions = int(directions)
         self.distribution = distribution
+        self.exact_head = ExactHead(model, self.name) if exact_head else None
+
+    def sampler(self, step_seed: int | None = None) -> DirectionSampler:
+        """The directions of a step (by default the current one): distribution and rank."""
+        seed = self.step_seed() if step_seed is None else step_seed
+        return DirectionSampler(self.distribution, seed, rank=self.direction_rank)
+
+    def perturbed(self) -> list[nn.Parameter]:
+        """The parameters that get directions: the trainable ones, less an exact head's."""
+        head = self.exact_head
+        return [p for _, p in self.trainable() if head is None or not head.owns(p)]
 
     def coefficients(self, d: Tensor) -> Tensor:
         """Weights of the K directions in the estimate: ``d_k / K``."""
@@ -65,15 +95,15 @@ class ForwardGradient(Estimator):
     def _step(self, inputs: Tensor, targets: Tensor, lr: float | None) -> dict[str, float]:
         """``lr=None``: write ``g`` into ``.grad``; else ``θ −= lr·g`` with no ``g`` buffer."""
         k = self.directions
-        sampler = DirectionSampler(self.distribution, self.step_seed())
-        params = [p for _, p in self.trainable()]
+        sampler = self.sampler()
+        params = self.perturbed()
         index = {id(p): i for i, p in enumerate(params)}
         in_grad: set[int] = set()  # tensors whose (single) direction was drawn into .grad
 
-        def tangent(p: nn.Parameter) -> Tensor | Rank1:
+        def tangent(p: nn.Parameter) -> Tensor | Factored:
             i = index[id(p)]
-            if sampler.is_rank1(p.shape):
-                return sampler.rank1(i, p, k)
+            if sampler.is_factored(p.shape):
+                return sampler.factors(i, p, k)
             if k == 1 and lr is None:  # draw straight into .grad: no second buffer, no redraw
                 if p.grad is None or p.grad.shape != p.shape:
                     p.grad = torch.empty_like(p)
@@ -81,7 +111,15 @@ class ForwardGradient(Estimator):
                 return sampler.dense(i, p, 1, out=p.grad.unsqueeze(0))
             return sampler.dense(i, p, k)
 
-        loss, d = directional_derivatives(self.model, self.loss_fn, inputs, targets, tangent, k)
+        if self.exact_head is None:
+            loss, d = directional_derivatives(self.model, self.loss_fn, inputs, targets,
+                                              tangent, k)
+        else:
+            if self.reduce is not None:
+                raise NotImplementedError(
+                    "exact_head does not yet combine the head's gradient across processes; "
+                    "run it in a single process, or drop exact_head")
+            loss, d = self._head_step(inputs, targets, params, tangent, k)
         if self.reduce is not None:
             loss, d = self.reduce(loss, d)
         coeffs = self.coefficients(d)
@@ -95,6 +133,59 @@ class ForwardGradient(Estimator):
                 else:
                     set_grad(p, sampler.combine(i, p, coeffs))
         return {"loss": loss.item(), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
+
+    def _head_step(self, inputs: Tensor, targets: Tensor, body: list[nn.Parameter],
+                   tangent: TangentFn, k: int) -> tuple[Tensor, Tensor]:
+        """Exact head: ``(loss, d)`` with ``d_k = ∂L/∂h · ḣ_k``; the head's ``.grad`` written."""
+        assert self.exact_head is not None
+        h, h_dot = features_jvp(self.model, self.exact_head.features, body, inputs, tangent, k)
+        loss, dl_dh = self.exact_head.gradient(self.loss_fn, h, targets, wrt_features=True)
+        assert dl_dh is not None
+        if h_dot is None:  # no body parameter is trainable: only the head learns
+            return loss, torch.zeros(k, dtype=h.dtype, device=h.device)
+        return loss, h_dot.flatten(1) @ dl_dh.flatten()  # (K, B·p) @ (B·p,) -> (K,)
+
+
+class _Call(nn.Module):
+    """``fn(x)`` as a module that owns ``model``, so ``functional_call`` can swap its tensors."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+def features_jvp(model: nn.Module, features: Callable[[Tensor], Tensor],
+                 body: list[nn.Parameter], inputs: Tensor, tangent: TangentFn, k: int
+                 ) -> tuple[Tensor, Tensor | None]:
+    """``h = features(inputs)`` and its K tangents ``(K, *h.shape)`` along the directions of
+    the ``body`` parameters (the others held fixed), by ``torch.func.jvp`` over the model's
+    tensors (factored directions are materialized, one tensor each); ``None`` when ``body``
+    is empty."""
+    with torch.no_grad():
+        if not body:
+            return features(inputs), None
+        ids = {id(p) for p in body}
+        named = dict(model.named_parameters())
+        moving = {n: p for n, p in named.items() if id(p) in ids}
+        fixed: dict[str, Tensor] = {f"model.{n}": p for n, p in named.items()
+                                    if n not in moving}
+        fixed.update({f"model.{n}": b for n, b in model.named_buffers()})
+        primals = {f"model.{n}": p.detach() for n, p in moving.items()}
+        tangents = {f"model.{n}": dense(tangent(p)) for n, p in moving.items()}
+        wrapper = _Call(model, features)
+
+        def f(params: dict[str, Tensor]) -> Tensor:
+            return functional_call(wrapper, {**fixed, **params}, (inputs,))
+
+        try:
+            return batched_jvp(f, primals, tangents, k)
+        except (RuntimeError, NotImplementedError) as exc:
+            where = f"'features' ({type(model).__name__})"
+            raise ForwardModeError(failure_message(where, exc)) from exc
 
 
 @register("fg-sign")

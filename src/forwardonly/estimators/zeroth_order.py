@@ -7,7 +7,23 @@ arXiv 2305.17333). For each direction ``z_k`` (regenerated from a seed, never st
 
 The parameters are perturbed *in place* (``θ += εz``, ``θ −= 2εz``, ``θ += εz``), so a step
 needs no copy of the parameters: the memory of inference plus one tensor's direction. The
-restore is exact up to float rounding (about one ulp of θ per step).
+restore is exact up to float rounding (about one ulp of θ per step), and bit for bit when
+every ``θ ± εz`` is representable (e.g. ±1 entries, ε a power of two, θ on a coarser grid).
+
+Only parameters with ``requires_grad`` are perturbed (``--train-params`` freezes the rest):
+the estimate is that of the gradient restricted to them. ``distribution="lowrank"`` perturbs
+weight matrices along rank-``direction_rank`` directions (materialized one tensor at a time).
+
+``exact_head=True``: the model's linear readout ``model.head`` is not perturbed; it gets its
+exact gradient from one clean forward at θ (``model.head(model.features(x))``, autograd
+through the head alone — the gradient is local to it; Ren et al. 2023, arXiv 2210.03310, do
+the same for their FG-W heads), and SPSA estimates the gradient of the other parameters. A
+step costs 2K + 1 forward passes instead of 2K (for ``zo-sign`` still K + 1: its ``L(θ)``
+pass gives the head's gradient). Why a clean forward rather than averaging the head's
+gradients at ``θ ± εz`` (no extra pass): that average is the gradient at θ only up to
+``O(ε²)``; the clean pass gives it exactly, and the reported loss is ``L(θ)`` itself. In
+place (``sgd_step``), the head's gradient is computed at θ before any perturbation and
+applied after the body's update; its buffer is the head's size.
 
 ``zo-sign`` is the essay's literal pseudo-code: compare ``L(θ + εv)`` with ``L(θ)`` and step
 towards ``+v`` if the loss went down, ``−v`` otherwise:
@@ -23,8 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from ..autodiff import DirectionSampler, LossFn
+from ..autodiff.directions import check_rank
 from ..seeding import mix_seed
-from .base import Estimator, register
+from .base import Estimator, ExactHead, register
 
 
 @register("zo")
@@ -34,7 +51,11 @@ class ZerothOrder(Estimator):
     Arguments:
         model, loss_fn, seed: see :class:`Estimator`.
         directions: K, the number of directions averaged per step.
-        distribution: ``"gaussian"``, ``"rademacher"`` or ``"rank1"``.
+        distribution: ``"gaussian"``, ``"rademacher"``, ``"rank1"`` or ``"lowrank"``.
+        direction_rank: r of the ``lowrank`` directions (a positive integer; accepted and
+            unused by the other distributions).
+        exact_head: train ``model.head`` (an ``nn.Linear``) with its exact gradient from
+            ``model.features(x)`` at θ, and perturb the other parameters only.
         epsilon: the perturbation size ε.
     """
 
@@ -44,23 +65,34 @@ class ZerothOrder(Estimator):
     reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
     #: Set during :meth:`estimate_inplace`: the update goes into θ, not into ``.grad``.
     _inplace_lr: float | None = None
+    #: Whether a step evaluates ``L(θ)`` itself (``zo-sign`` compares against it).
+    uses_base_loss: bool = False
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
-                 distribution: str = "gaussian", epsilon: float = 1e-3, seed: int = 0) -> None:
+                 distribution: str = "gaussian", direction_rank: int = 4,
+                 exact_head: bool = False, epsilon: float = 1e-3, seed: int = 0) -> None:
         super().__init__(model, loss_fn, seed=seed)
         if int(directions) < 1:
             raise ValueError(f"directions must be a positive integer, got {directions}")
         if not (math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+        self.direction_rank = check_rank(direction_rank)
         DirectionSampler(distribution, 0)
         self.directions = int(directions)
         self.distribution = distribution
         self.epsilon = float(epsilon)
+        self.exact_head = ExactHead(model, self.name) if exact_head else None
+        self._base: float | None = None
 
     def _samplers(self) -> list[DirectionSampler]:
         seed = self.step_seed()
-        return [DirectionSampler(self.distribution, mix_seed(seed, k))
+        return [DirectionSampler(self.distribution, mix_seed(seed, k), rank=self.direction_rank)
                 for k in range(self.directions)]
+
+    def perturbed(self) -> list[nn.Parameter]:
+        """The parameters that get perturbed: the trainable ones, less an exact head's."""
+        head = self.exact_head
+        return [p for _, p in self.trainable() if head is None or not head.owns(p)]
 
     @torch.no_grad()
     def _perturb(self, sampler: DirectionSampler, scale: float, grad_coeff: float | None = None
@@ -69,8 +101,8 @@ class ZerothOrder(Estimator):
         (same draw): into ``.grad``, or — in place (MeZO) — as ``θ −= lr·grad_coeff·z``."""
         if grad_coeff is not None and self._inplace_lr is not None:
             scale, grad_coeff = scale - self._inplace_lr * grad_coeff, None
-        for i, (_, p) in enumerate(self.trainable()):
-            z = sampler.dense(i, p, 1)[0]
+        for i, p in enumerate(self.perturbed()):
+            z = sampler.dense(i, p, 1)[0]  # one tensor's direction at a time
             if scale != 0.0:
                 p.add_(z, alpha=scale)
             if grad_coeff is not None:
@@ -82,6 +114,16 @@ class ZerothOrder(Estimator):
         # global RNG state is restored by ``estimate``.
         torch.random.default_generator.manual_seed(mix_seed(self.step_seed(), 0x5EED))
         return self.loss_fn(self.model(inputs), targets).item()
+
+    @torch.no_grad()
+    def _loss_at_theta(self, inputs: Tensor, targets: Tensor) -> float:
+        """``L(θ)``; with an exact head, also the head's exact gradient into its ``.grad``."""
+        if self.exact_head is None:
+            return self._loss(inputs, targets)
+        torch.random.default_generator.manual_seed(mix_seed(self.step_seed(), 0x5EED))
+        feats = self.exact_head.features(inputs)
+        loss, _ = self.exact_head.gradient(self.loss_fn, feats, targets)
+        return loss.item()
 
     def directional(self, sampler: DirectionSampler, inputs: Tensor, targets: Tensor
                     ) -> tuple[float, float]:
@@ -118,13 +160,21 @@ class ZerothOrder(Estimator):
             self._inplace_lr = None
 
     def _estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
-        for _, p in self.trainable():
+        for p in self.perturbed():
             if self._inplace_lr is not None:
                 p.grad = None
             elif p.grad is None:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad.zero_()
+        if self.exact_head is not None and self.reduce is not None:
+            raise NotImplementedError(
+                "exact_head does not yet combine the head's gradient across processes; run "
+                "it in a single process, or drop exact_head")
+        # θ is untouched here: the head's exact gradient (a head-sized .grad, which sgd_step
+        # applies after the body's in-place update) and zo-sign's L(θ)
+        self._base = self._loss_at_theta(inputs, targets) \
+            if self.exact_head is not None or self.uses_base_loss else None
         if self.reduce is not None or (self._inplace_lr is not None and self.directions > 1):
             # every direction evaluated at the same θ before any update enters θ
             return self._estimate_reduced(inputs, targets)
@@ -137,7 +187,9 @@ class ZerothOrder(Estimator):
             losses.append(loss)
             coeffs.append(c)
         d = torch.tensor(coeffs)
-        return {"loss": sum(losses) / len(losses), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
+        mean = sum(losses) / len(losses) if self._base is None or self.exact_head is None \
+            else self._base
+        return {"loss": mean, "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
     def _estimate_reduced(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
         """As ``_estimate``, but the K raw numbers of all processes are combined (one
@@ -158,18 +210,19 @@ class ZerothOrder(Estimator):
         for sampler, c in zip(samplers, coeffs, strict=True):
             self._perturb(sampler, 0.0, c / self.directions)
         d = torch.tensor(coeffs)
-        return {"loss": mean_loss.item(), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
+        mean = mean_loss.item() if self._base is None or self.exact_head is None \
+            else self._base
+        return {"loss": mean, "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
 
 @register("zo-sign")
 class ZerothOrderSign(ZerothOrder):
     """The essay's pseudo-code: ``g = (1/K) Σ_k sign(L(θ + εv_k) − L(θ)) v_k``."""
 
-    def _estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
-        self._base = self._loss(inputs, targets)
-        return super()._estimate(inputs, targets)
+    uses_base_loss = True
 
     def directional(self, sampler, inputs, targets):
+        assert self._base is not None
         self._perturb(sampler, +self.epsilon)
         return self._base, self._loss(inputs, targets) - self._base
 
