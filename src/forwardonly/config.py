@@ -74,7 +74,8 @@ class TrainConfig:
                      "gradient, weight perturbation), fg-sign, zo (zeroth order / MeZO), "
                      "zo-sign, and every other registered estimator.")
     directions: int = _f(1, "K: random directions averaged per step (fg-*, zo*).")
-    distribution: str = _f("gaussian", "Direction distribution: gaussian, rademacher, rank1.")
+    distribution: str = _f("gaussian", "Direction distribution: gaussian, rademacher, rank1 "
+                           "(V = b aᵀ per weight matrix), lowrank (rank --direction-rank).")
     direction_rank: int = _f(4, "Rank r of the lowrank directions (--distribution lowrank): "
                              "V = B Aᵀ/√r per weight matrix, still E[vvᵀ] = I.")
     exact_head: bool = _f(False, "zo, fg-w: train the model's linear head with its exact "
