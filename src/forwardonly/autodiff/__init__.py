@@ -20,9 +20,12 @@ from .directions import (
     ACTIVITY_DISTRIBUTIONS,
     DISTRIBUTIONS,
     DirectionSampler,
+    Factored,
+    LowRank,
     NoiseFn,
     Rank1,
     check_distribution,
+    check_rank,
     rademacher,
 )
 from .forward_mode import directional_derivatives
@@ -44,7 +47,8 @@ from .rules import (
 
 __all__ = [
     "ACTIVATIONS", "ACTIVITY_DISTRIBUTIONS", "DISTRIBUTIONS", "RULES", "ActivityTrace",
-    "DirectionSampler", "ForwardModeError", "LayerTrace", "LossFn", "NoiseFn", "Rank1",
+    "DirectionSampler", "Factored", "ForwardModeError", "LayerTrace", "LossFn", "LowRank",
+    "NoiseFn", "Rank1", "check_rank",
     "TangentFn", "WeightTangentFn", "activation_jvp", "activity_forward", "activity_rule_error",
     "activity_weight_grads", "batched_jvp", "block_forward", "check_distribution",
     "directional_derivatives", "layer_forward", "linear_jvp", "ln_jvp", "ln_stats",

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..autodiff import (
-    DirectionSampler,
-    Rank1,
+    Factored,
     loss_and_derivatives,
     run_layers,
     sequential_layers,
@@ -188,15 +187,15 @@ class StageWorker(RankWorker):
         est = self.est
         assert isinstance(est, ForwardGradient)
         k, label = est.directions, f"step {est.steps_done + 1}"
-        sampler = DirectionSampler(est.distribution, est.step_seed())
+        sampler = est.sampler()  # the estimator's distribution and rank, this step's seed
         params = [p for _, p in est.trainable()]
         index = {id(p): i for i, p in enumerate(params)}
         in_grad: set[int] = set()
 
-        def tangent(p: nn.Parameter) -> Tensor | Rank1:  # as ForwardGradient, global indices
+        def tangent(p: nn.Parameter) -> Tensor | Factored:  # as ForwardGradient, global indices
             i = index[id(p)]
-            if sampler.is_rank1(p.shape):
-                return sampler.rank1(self.offset + i, p, k)
+            if sampler.is_factored(p.shape):
+                return sampler.factors(self.offset + i, p, k)
             if k == 1:
                 if p.grad is None or p.grad.shape != p.shape:
                     p.grad = torch.empty_like(p)

@@ -211,7 +211,7 @@ def stage_jvp(stage: nn.Sequential, h: Tensor, h_dot: Tensor | None, sampler: Di
 
     def tangent(p: nn.Parameter) -> Tensor | Rank1:
         index = first_index + len(dirs)
-        dirs.append(sampler.rank1(index, p, 1) if sampler.is_rank1(p.shape)
+        dirs.append(sampler.factors(index, p, 1) if sampler.is_factored(p.shape)
                     else sampler.dense(index, p, 1))
         return dirs[-1]
 
