@@ -140,7 +140,7 @@ def test_minilm_offline():
     tokenizer = load_tokenizer("minilm", None)
     model = build_model("minilm", (64,), 2, seed=0)
     assert model.encoder.config._attn_implementation == "forwardonly"
-    assert sum(p.numel() for p in model.parameters()) == 22_713_986
+    assert sum(p.numel() for p in model.parameters()) == 22_566_146  # no pooler
     sentences = ["a gripping, funny film", "dull and lifeless",
                  "the best movie of the year", "meh"]
     ids = tokenizer(sentences, padding="max_length", max_length=32, truncation=True,

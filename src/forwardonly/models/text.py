@@ -185,13 +185,18 @@ class TextClassifier(nn.Module):
         seed: initialises the head (uniform in ``±1/√hidden``, as ``nn.Linear``'s default).
 
     The encoder stays in eval mode whatever :meth:`train` is called with (no dropout: the
-    estimators need a deterministic function).
+    estimators need a deterministic function). An encoder's own ``pooler`` is replaced by
+    ``nn.Identity`` (the features are mean-pooled, so its parameters would be dead weight).
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int, *, pad_id: int, seed: int = 0
                  ) -> None:
         super().__init__()
         _check_classes(num_classes)
+        if isinstance(getattr(encoder, "pooler", None), nn.Module):
+            # the encoder's own pooler (BERT's tanh layer on [CLS]) is unused here; as
+            # parameters it would only take perturbations that cannot change the loss
+            encoder.pooler = nn.Identity()
         self.encoder = encoder
         self.pad_id = int(pad_id)
         config: Any = encoder.config
