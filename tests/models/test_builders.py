@@ -24,7 +24,7 @@ def n_params(model):
 
 
 def test_every_registered_model_is_tested_here():
-    assert set(MODELS) == set(SMALL)
+    assert set(MODELS) == set(SMALL) | {"minilm", "hf"}  # text models: tests/models/test_text.py
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
@@ -140,8 +140,8 @@ def test_mlp_layers_and_activations():
 
 # -- bad arguments -------------------------------------------------------------------------------
 def test_unknown_model_names_the_valid_ones():
-    with pytest.raises(ValueError, match="model must be one of 'cnn', 'ff-mlp', 'local-mixer',"
-                                         " 'mlp', got 'resnet'"):
+    with pytest.raises(ValueError, match="model must be one of 'cnn', 'ff-mlp', 'hf', "
+                                         "'local-mixer', 'minilm', 'mlp', got 'resnet'"):
         build_model("resnet", (1, 8, 8), 10)
 
 

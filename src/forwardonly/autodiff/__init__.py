@@ -10,12 +10,15 @@
 - :mod:`.mixer`: LocalMixer layers and blocks (LayerNorm, linear map, activity tangents,
   residual, ReLU) and the layer-local weight gradient from an activity gradient.
 - :mod:`.activity`: activity tangents through a plain MLP.
+- :mod:`.attention`: scaled dot-product attention with closed-form JVP and VJP rules, and
+  its Hugging Face ``attn_implementation="forwardonly"``.
 
 Nothing here writes ``.grad``: that is the estimators' part (:mod:`forwardonly.estimators`).
 """
 
 from ..models.local_norm import ln_jvp, ln_stats
 from .activity import ActivityTrace, activity_forward, activity_rule_error
+from .attention import HF_ATTENTION, dot_product_attention, hf_attention, register_hf_attention
 from .directions import (
     ACTIVITY_DISTRIBUTIONS,
     DISTRIBUTIONS,
@@ -46,11 +49,12 @@ from .rules import (
 )
 
 __all__ = [
-    "ACTIVATIONS", "ACTIVITY_DISTRIBUTIONS", "DISTRIBUTIONS", "RULES", "ActivityTrace",
-    "DirectionSampler", "Factored", "ForwardModeError", "LayerTrace", "LossFn", "LowRank",
-    "NoiseFn", "Rank1", "check_rank",
-    "TangentFn", "WeightTangentFn", "activation_jvp", "activity_forward", "activity_rule_error",
-    "activity_weight_grads", "batched_jvp", "block_forward", "check_distribution",
-    "directional_derivatives", "layer_forward", "linear_jvp", "ln_jvp", "ln_stats",
-    "loss_and_derivatives", "rademacher", "relu_tangent", "run_layers", "sequential_layers",
+    "ACTIVATIONS", "ACTIVITY_DISTRIBUTIONS", "DISTRIBUTIONS", "HF_ATTENTION", "RULES",
+    "ActivityTrace", "DirectionSampler", "Factored", "ForwardModeError", "LayerTrace", "LossFn",
+    "LowRank", "NoiseFn", "Rank1", "TangentFn", "WeightTangentFn", "activation_jvp",
+    "activity_forward", "activity_rule_error", "activity_weight_grads", "batched_jvp",
+    "block_forward", "check_distribution", "check_rank", "directional_derivatives",
+    "dot_product_attention", "hf_attention", "layer_forward", "linear_jvp", "ln_jvp", "ln_stats",
+    "loss_and_derivatives", "rademacher", "register_hf_attention", "relu_tangent", "run_layers",
+    "sequential_layers",
 ]

@@ -67,4 +67,4 @@ def check_sizes(in_shape: Sequence[int], num_classes: int, *, image: bool) -> tu
 
 # the built-in models register themselves here; ff-mlp with forwardonly.ff (the estimators
 # import it, and every public name of forwardonly imports the estimators first)
-from . import cnn, local_mixer, mlp  # noqa: E402,F401
+from . import cnn, local_mixer, mlp, text  # noqa: E402,F401
