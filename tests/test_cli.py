@@ -89,3 +89,27 @@ def test_shipped_config_files_are_valid(name):
     if name.startswith("ff-"):
         assert (config.method, config.model, config.head_lr_scale) == ("ff", "ff-mlp", 10.0)
         assert config.schedule == "half-linear" and not config.standardize
+
+
+@pytest.mark.slow
+def test_fine_tuning_the_real_minilm_writes_a_run(tmp_path, capsys):
+    """A few in-place MeZO steps of all-MiniLM-L6-v2 (from its wheel, offline) on a tiny TSV."""
+    import json
+
+    pytest.importorskip("transformers")
+    data = tmp_path / "data"
+    data.mkdir()
+    good = ["a gripping , funny film", "warm and wise", "the best of the year", "a delight"]
+    bad = ["dull and lifeless", "a mess", "tedious beyond words", "nothing works here"]
+    rows = [f"{i % 2}\t{(bad if i % 2 == 0 else good)[i // 2 % 4]}" for i in range(16)]
+    for name, n in (("train.tsv", 16), ("dev.tsv", 8), ("test.tsv", 8)):
+        (data / name).write_text("label\tsentence\n" + "\n".join(rows[:n]) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "tsv", "--data-dir", str(data), "--model", "minilm",
+                 "--method", "zo", "--optimizer", "sgd-inplace", "--lr", "1e-4",
+                 "--train-params", "encoder.encoder.layer.5.*", "head.*", "--exact-head",
+                 "--batch-size", "8", "--epochs", "2", "--no-progress", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all("val_error" in r for r in rows)
+    assert main(["eval", str(out)]) == 0
+    assert "epoch 2, zo on tsv" in capsys.readouterr().out

@@ -98,3 +98,13 @@ def test_compare_checks_every_method_before_training(tmp_path):
     with pytest.raises(ConfigError, match="method lg-fg-a"):  # needs a LocalMixer or MLP
         compare_configs({"out": str(tmp_path / "c"), "model": "cnn"}, ["bp", "lg-fg-a"])
     assert not (tmp_path / "c").exists()
+
+
+def test_text_data_goes_with_a_text_model():
+    with pytest.raises(ConfigError, match="dataset sst2 is text: train it with a text model"):
+        from_dict({"dataset": "sst2", "model": "mlp"})
+    with pytest.raises(ConfigError, match="model minilm reads text"):
+        from_dict({"dataset": "digits", "model": "minilm"})
+    with pytest.raises(ConfigError, match="--max-length has no effect with --dataset digits"):
+        from_dict({"max_length": 64})
+    assert from_dict({"dataset": "sst2", "model": "minilm", "max_length": 64}).max_length == 64

@@ -167,6 +167,7 @@ class TrainConfig:
                 problems.append(f"{name} must be one of {', '.join(valid)}; got {value!r}")
 
         one_of("dataset", self.dataset, DATASETS)
+        problems += self._data_model_problems()
         one_of("model", self.model, MODELS)
         one_of("method", self.method, ESTIMATORS)
         one_of("distribution", self.distribution, DISTRIBUTIONS)
@@ -235,6 +236,26 @@ class TrainConfig:
         problems += self.option_problems()
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def _data_model_problems(self) -> list[str]:
+        """Text data goes with a text model and image data with an image model."""
+        from .data import DATASETS, TEXT_DATASETS
+        from .models import MODELS
+        from .models.text import TEXT_MODELS
+
+        if self.dataset not in DATASETS or self.model not in MODELS:
+            return []
+        text_data, text_model = self.dataset in TEXT_DATASETS, self.model in TEXT_MODELS
+        if text_data and not text_model:
+            return [f"dataset {self.dataset} is text: train it with a text model (--model "
+                    f"{' or '.join(TEXT_MODELS)}), not --model {self.model}"]
+        if text_model and not text_data:
+            return [f"model {self.model} reads text: train it on a text dataset (--dataset "
+                    f"{' or '.join(TEXT_DATASETS)}), not --dataset {self.dataset}"]
+        if not text_data and self.max_length != default_of("max_length"):
+            return [f"--max-length has no effect with --dataset {self.dataset} (it cuts the "
+                    f"texts of {', '.join(TEXT_DATASETS)}); drop it"]
+        return []
 
     def option_problems(self) -> list[str]:
         """Model and method options set (away from their defaults) that the chosen model or

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import forwardonly
-from forwardonly.autodiff import attention as attention_module
 from forwardonly.autodiff import directional_derivatives
+from forwardonly.models import attention as attention_module
 from forwardonly.models import build_model
 from forwardonly.models import text as text_module
 from forwardonly.models.text import MissingTextExtra, TextClassifier, load_tokenizer

@@ -16,9 +16,14 @@
 Nothing here writes ``.grad``: that is the estimators' part (:mod:`forwardonly.estimators`).
 """
 
+from ..models.attention import (
+    HF_ATTENTION,
+    dot_product_attention,
+    hf_attention,
+    register_hf_attention,
+)
 from ..models.local_norm import ln_jvp, ln_stats
 from .activity import ActivityTrace, activity_forward, activity_rule_error
-from .attention import HF_ATTENTION, dot_product_attention, hf_attention, register_hf_attention
 from .directions import (
     ACTIVITY_DISTRIBUTIONS,
     DISTRIBUTIONS,

@@ -17,7 +17,7 @@ Two choices make every method of forwardonly work on these models:
 - **Dropout is off**, in training too (the config's dropout rates are set to 0 and the encoder
   stays in eval mode): forward-gradient and zeroth-order estimates compare or differentiate
   the loss along directions, which needs the same deterministic function at every evaluation.
-- **Attention runs through** :func:`forwardonly.autodiff.attention.hf_attention`
+- **Attention runs through** :func:`forwardonly.models.attention.hf_attention`
   (``attn_implementation="forwardonly"``): PyTorch's fused attention kernels have no
   forward-mode rule, this one has (and uses the fused kernel for the value). Models whose code
   does not go through transformers' ``AttentionInterface`` fall back to ``"eager"`` attention
@@ -60,7 +60,7 @@ def _transformers() -> Any:
         import transformers
     except ImportError as exc:
         raise _missing("transformers") from exc
-    from ..autodiff.attention import register_hf_attention
+    from .attention import register_hf_attention
 
     register_hf_attention()
     return transformers
@@ -123,7 +123,7 @@ def load_encoder(path: str | Path) -> nn.Module:
     through forwardonly's forward-mode rule where the model supports it."""
     path = Path(path)
     transformers = _transformers()
-    from ..autodiff.attention import HF_ATTENTION
+    from .attention import HF_ATTENTION
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
