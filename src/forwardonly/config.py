@@ -223,6 +223,9 @@ class TrainConfig:
                                 "adam with --distributed")
             if self.augment:
                 problems.append("augment is single-process only; drop it with --distributed")
+            if self.exact_head:
+                problems.append("exact_head is single-process only; drop it with "
+                                "--distributed")
         if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
             problems.append(f"dist_timeout must be a positive number of seconds; "
                             f"got {self.dist_timeout}")

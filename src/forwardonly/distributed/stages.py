@@ -23,12 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..autodiff import (
-    Factored,
-    loss_and_derivatives,
-    run_layers,
-    sequential_layers,
-)
+from ..autodiff import Factored, loss_and_derivatives, run_layers, sequential_layers
 from ..config import ConfigError
 from ..estimators import Backprop, ForwardGradient
 from ..estimators.base import set_grad
