@@ -135,6 +135,7 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
     if state is not None:
         start = _restore(config, worker, opt, sched, state, run_dir, log) + 1
         rows = list(state["rows"])
+        del state  # the model and optimizer hold their copies now
     else:
         log(f"{worker.describe()}; run directory {run_dir}")
     if worker.is_writer:
