@@ -13,6 +13,22 @@ def test_help_explains_every_setting(capsys):
     for f in fields():
         assert "--" + f.name.replace("_", "-") in text
     assert "--resume" in text
+    import forwardonly
+
+    flat = " ".join(text.split())
+    for name in [*forwardonly.ESTIMATORS, *forwardonly.MODELS]:  # every registered one
+        assert f"{name} = " in flat, name
+
+
+def test_top_level_help_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom forwardonly.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\nassert 'torch' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "train" in done.stdout and "compare" in done.stdout
 
 
 def test_unknown_and_mistyped_keys_are_all_reported():

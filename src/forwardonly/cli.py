@@ -16,6 +16,7 @@ Only what a command needs is imported: ``forwardonly --help`` does not load torc
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -54,8 +55,10 @@ def _registry_help() -> dict[str, str]:
     from .models import MODELS
 
     def first_line(obj: Any) -> str:
-        doc = (obj.__doc__ or "").strip()
-        return doc.splitlines()[0].rstrip(".") if doc else ""
+        """The docstring's first sentence, without reST markup."""
+        paragraph = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
+        sentence = re.split(r"(?<=[.;])\s", paragraph)[0].rstrip(".;")
+        return re.sub(r":\w+:`~?([^`]+)`|``([^`]+)``", lambda m: m[1] or m[2], sentence)
 
     methods = "; ".join(f"{n} = {first_line(c)}" for n, c in sorted(ESTIMATORS.items()))
     models = "; ".join(f"{n} = {first_line(b)}" for n, b in sorted(MODELS.items()))

@@ -36,7 +36,9 @@ from .local_losses import LocalLosses, stats
 
 @register("lg-fg-w")
 class LocalWeightPerturbation(LocalLosses):
-    """LG-FG-W. Arguments: see :class:`LocalLosses`; ``directions``: K per step."""
+    """LG-FG-W: weight perturbation with block × patch × group local losses.
+
+    Arguments: see :class:`LocalLosses`; ``directions``: K per step."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
                  seed: int = 0, freeze_backbone: bool = False) -> None:

@@ -289,7 +289,8 @@ def ff_mlp(
     precision: Precision = "float32",
     seed: int = 0,
 ) -> FFNet:
-    """Builder for ``--model ff-mlp``: an :class:`FFNet` (see there for the options)."""
+    """Forward-Forward MLP: :class:`FFNet` of ReLU layers on length-normalized inputs, with a
+    softmax readout ``head`` (see :class:`FFNet` for the options)."""
     return FFNet(
         in_shape,
         num_classes,

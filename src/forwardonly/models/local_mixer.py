@@ -296,7 +296,8 @@ def local_mixer(in_shape: tuple[int, int, int], num_classes: int, preset: str = 
                 blocks: int | None = None, patches: int | None = None,
                 width: int | None = None, groups: int | None = None,
                 seed: int = 0) -> LocalMixer:
-    """Build a :class:`LocalMixer` from a preset of :data:`PRESETS`, with optional overrides
+    """Ren et al.'s LocalMixer (MLP-Mixer blocks with local heads), from a preset of
+    :data:`PRESETS` (S/1/1, M/1/16, M/8/16, L/8/64, tiny). Optional overrides
     (``width`` is the channel count C)."""
     if preset not in PRESETS:
         valid = ", ".join(repr(n) for n in PRESETS)
