@@ -14,6 +14,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,15 +319,20 @@ def param_name(field_name: str) -> str:
     return PARAM_NAMES.get(field_name, field_name)
 
 
-def takes(fn: Any, field_name: str) -> bool:
+def takes(fn: Callable[..., object], field_name: str) -> bool:
     """Whether ``fn`` (a builder, or an estimator class) has a parameter for ``field_name``."""
-    target = fn.__init__ if isinstance(fn, type) else fn
+    # A class's __init__ is only inspected, never called, so mypy's unsoundness warning about
+    # reading __init__ through a type object does not apply.
+    target = fn.__init__ if isinstance(fn, type) else fn  # type: ignore[misc]
     return param_name(field_name) in inspect.signature(target).parameters
 
 
 def default_of(name: str) -> Any:
     f = next(x for x in fields() if x.name == name)
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert callable(f.default_factory)  # every TrainConfig field has a default or a factory
+    return f.default_factory()
 
 
 def _cuda_problems(device: str) -> list[str]:
@@ -344,11 +350,11 @@ def _cuda_problems(device: str) -> list[str]:
     return []
 
 
-def fields() -> list[dataclasses.Field]:
+def fields() -> list[dataclasses.Field[Any]]:
     return list(dataclasses.fields(TrainConfig))
 
 
-def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
+def field_type(f: dataclasses.Field[Any]) -> tuple[type, bool, bool]:
     """``(base type, is_list, is_optional)`` of a config field."""
     hints = typing.get_type_hints(TrainConfig)
     tp = hints[f.name]

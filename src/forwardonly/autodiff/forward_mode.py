@@ -54,14 +54,16 @@ def directional_derivatives(
         return _whole_model(model, loss_fn, inputs, targets, tangent, k)
 
 
-def _layer_by_layer(layers, loss_fn, x, y, tangent, k):
+def _layer_by_layer(layers: list[tuple[str, nn.Module]], loss_fn: LossFn, x: Tensor, y: Tensor,
+                    tangent: TangentFn, k: int) -> tuple[Tensor, Tensor]:
     h, h_dot = run_layers(layers, x, None, tangent, k)
     return loss_and_derivatives(loss_fn, h, h_dot, y, k)
 
 
 # -- whole model ------------------------------------------------------------------------
 
-def _whole_model(model, loss_fn, x, y, tangent, k):
+def _whole_model(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, tangent: TangentFn,
+                 k: int) -> tuple[Tensor, Tensor]:
     named = dict(model.named_parameters())
     trainable = {n: p.detach() for n, p in named.items() if named[n].requires_grad}
     frozen: dict[str, Tensor] = {n: p for n, p in named.items() if n not in trainable}

@@ -12,7 +12,7 @@ torchrun's and torch.distributed's (:mod:`.group`); ``--resume auto`` lets
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from ..config import TrainConfig
 from .data import DataParallelWorker, shard_bounds, shard_sizes
@@ -43,4 +43,4 @@ def record_errors(fn: F) -> F:
     changes nothing. For an entry point, e.g. ``sys.exit(record_errors(main)())``."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(fn)
+    return cast(F, record(fn))  # record wraps fn with functools.wraps: the same signature

@@ -18,6 +18,7 @@ other by one all-reduce of its flattened gradient after the step.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -67,7 +68,7 @@ class DataParallelWorker(RankWorker):
         elif isinstance(self.est, Backprop):
             self.kind = "ddp"
             # buffers are not synchronized at each forward: evaluation runs on shards
-            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+            no_sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                        inspect.signature(DistributedDataParallel).parameters
                        else {"broadcast_buffers": False})
             with self.watch("DistributedDataParallel set-up"):
@@ -120,19 +121,20 @@ class DataParallelWorker(RankWorker):
         combined = combined.to(d.device)
         return combined[0].to(loss.dtype), combined[1:].to(d.dtype).view_as(d)
 
-    def _average(self, stats: dict[str, float], params: list[Tensor], label: str
+    def _average(self, stats: dict[str, float], params: Sequence[Tensor], label: str
                  ) -> dict[str, float]:
         """``Σ_r (n_r/N)`` of ``params``' gradients and of ``stats``, in one all-reduce."""
         keys = sorted(stats)
-        dtype = params[0].grad.dtype if params else torch.float64
-        flat = torch.cat([p.grad.reshape(-1) for p in params]
+        grads = [_filled_grad(p) for p in params]
+        dtype = grads[0].dtype if grads else torch.float64
+        flat = torch.cat([g.reshape(-1) for g in grads]
                          + [torch.tensor([stats[k] for k in keys], dtype=dtype,
                                          device=self.device)])
         flat = self.all_reduce(flat.mul_(self.weight), label)
         at = 0
-        for p in params:
-            p.grad.copy_(flat[at:at + p.numel()].view_as(p))
-            at += p.numel()
+        for g in grads:
+            g.copy_(flat[at:at + g.numel()].view_as(g))
+            at += g.numel()
         return dict(zip(keys, flat[at:].tolist(), strict=True))
 
     # -- the rest of the loop ----------------------------------------------------------------
@@ -169,6 +171,12 @@ class DataParallelWorker(RankWorker):
 
     def load_optimizer_state(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         opt.load_state_dict(state)
+
+
+def _filled_grad(p: Tensor) -> Tensor:
+    """``p.grad``, which the estimator's step has filled (every trainable parameter's)."""
+    assert p.grad is not None, "the estimator left a trainable parameter without a gradient"
+    return p.grad
 
 
 def _weighted_all_reduce(worker, bucket):  # (DataParallelWorker, dist.GradBucket) -> Future

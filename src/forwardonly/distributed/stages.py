@@ -217,6 +217,7 @@ class StageWorker(RankWorker):
             coeffs = est.coefficients(d)
             for i, p in enumerate(params):
                 if i in in_grad:
+                    assert p.grad is not None  # tangent() drew the direction into it
                     p.grad.mul_(coeffs[0])
                 else:
                     set_grad(p, sampler.combine(self.offset + i, p, coeffs))
@@ -246,6 +247,7 @@ class StageWorker(RankWorker):
                 loss = self.recv(out.new_empty(1), self.rank + 1, f"gradient, {label}")
                 out.backward(grad_out)
         if not self.first:
+            assert h_in.grad is not None  # the backward above reached the stage's input
             self.send(h_in.grad, self.rank - 1, f"gradient, {label}")
             self.send(loss.to(h_in.dtype), self.rank - 1, f"gradient, {label}")
         for p in params:

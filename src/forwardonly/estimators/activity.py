@@ -29,6 +29,8 @@ head's scores (as in the paper's code). ``fg-a`` also runs on plain ``nn.Sequent
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -169,7 +171,7 @@ class ActivityPerturbation(_ActivityBase):
         """
         k = self.directions
         layers = [m for _, m in sequential_layers(self.model) or []]
-        head = layers[-1]
+        head = cast(nn.Linear, layers[-1])  # activity_rule_error checked it in __init__
         h, th, traces = activity_forward(layers[:-1], inputs, self.noise())
         logits = F.linear(h, head.weight, head.bias)
         with torch.enable_grad():

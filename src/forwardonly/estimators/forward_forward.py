@@ -268,12 +268,12 @@ class ForwardForward(Estimator):
         losses, pair_errors, feats = [], [], []
         h = batch.inputs
         for i, layer in enumerate(net.layers):
-            labelled = i == 0 and codes is not None
-            if labelled:
+            labelled = codes if i == 0 else None  # (R, K) codes of the first layer's rows
+            if labelled is not None:
                 part = batch.part or image_part(
                     layer, batch.inputs, net.num_classes, weight=cast[0][0]
                 )
-                z, inv_r = labelled_preactivation(layer, part, codes)  # (R, n), (R, 1)
+                z, inv_r = labelled_preactivation(layer, part, labelled)  # (R, n), (R, 1)
             else:
                 x_hat = layer.prepare(h).to(layer.dtype)  # (R, n_in), a constant for layer i
                 z = affine(x_hat, *cast[i], layer.dtype)  # (R, n)
@@ -295,9 +295,9 @@ class ForwardForward(Estimator):
                 m.mul_(PEER_MOMENTUM).add_(h_pos.mean(0), alpha=1.0 - PEER_MOMENTUM)
                 delta[:B] += (self.peer_weight / B) * (m - m.mean())
             if layer.weight.requires_grad:
-                if labelled:
+                if labelled is not None:
                     grad_w = labelled_weight_grad(
-                        layer, part, codes[: 2 * B], inv_r[: 2 * B], delta
+                        layer, part, labelled[: 2 * B], inv_r[: 2 * B], delta
                     )
                 else:
                     grad_w = (delta.to(layer.dtype).t() @ x_hat[: 2 * B]).float()  # (n, n_in)

@@ -100,7 +100,8 @@ def histogram_abs_cos(cos: Tensor, bins: int = 100) -> Tensor:
     return torch.bincount(idx, minlength=bins)
 
 
-def moments(cos2: np.ndarray | Tensor, abs_cos: np.ndarray | Tensor | None = None) -> dict:
+def moments(cos2: np.ndarray | Tensor, abs_cos: np.ndarray | Tensor | None = None
+            ) -> dict[str, Any]:
     """Sample means of |cos| and cos² with their standard errors (std / sqrt(samples))."""
     c2 = np.asarray(cos2, dtype=np.float64)
     a = np.sqrt(c2) if abs_cos is None else np.asarray(abs_cos, dtype=np.float64)
@@ -143,7 +144,7 @@ def sample_cos_nested(ns: Sequence[int], pairs: int, *, generator: torch.Generat
 
 def histogram_sweep(
     ns: Sequence[int], pairs: int, bins: int = 100, *, seed: int = 0, nested: bool = False
-) -> tuple[Tensor, list[dict], float]:
+) -> tuple[Tensor, list[dict[str, Any]], float]:
     """The essay's experiment: ``pairs`` Gaussian pairs for every n in ``ns``, |cos| histograms.
 
     ``nested=False`` (the essay's way) draws fresh pairs for every n; ``nested=True`` takes
@@ -152,7 +153,7 @@ def histogram_sweep(
     """
     gen = torch.Generator().manual_seed(mix_seed(seed, 1))
     counts = torch.zeros(len(ns), bins, dtype=torch.long)
-    stats: list[dict] = []
+    stats: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with torch_threads(1):
         shared = sample_cos_nested(ns, pairs, generator=gen) if nested else None
@@ -165,11 +166,11 @@ def histogram_sweep(
 
 def large_n_sweep(
     ns: Sequence[int], *, beta_samples: int, direct_pairs: int, direct_max: int, seed: int = 0
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """E|cos|, E[cos²] for each n: from Beta samples (all n) and Gaussian pairs (n ≤ direct_max)."""
     rng = np.random.default_rng(mix_seed(seed, 2))
     gen = torch.Generator().manual_seed(mix_seed(seed, 3))
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for n in ns:
         n = int(n)
         if direct_pairs > 0 and n <= direct_max:
@@ -188,7 +189,7 @@ def log_grid(lo: int, hi: int, per_decade: int) -> list[int]:
     return sorted({int(round(p)) for p in pts})
 
 
-def with_closed_forms(row: dict) -> dict:
+def with_closed_forms(row: dict[str, Any]) -> dict[str, Any]:
     n = row["n"]
     return {
         **row,
@@ -211,7 +212,7 @@ def plot(
     ns: Sequence[int],
     counts: Tensor,
     pairs: int,
-    large_rows: list[dict],
+    large_rows: list[dict[str, Any]],
     hist_seconds: float,
     sampling: str = "independent",
 ) -> Path:
@@ -301,7 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest n for which the second panel also samples Gaussian pairs")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     if not 2 <= args.n_min <= args.n_max:
         raise ValueError(f"need 2 <= --n-min <= --n-max, got {args.n_min} and {args.n_max}")
     out: Path = args.out

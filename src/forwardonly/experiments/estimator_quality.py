@@ -94,7 +94,8 @@ def theory_cosine(n: int | float, k: int, kind: str = "gaussian", *, samples: in
 def _sign_sums(k: int, samples: int, seed: int) -> np.ndarray:
     # S = Σ_k |N(0,1)| depends on K only, so it is drawn once per K.
     rng = np.random.default_rng(mix_seed(seed, k, 0x51))
-    return np.abs(rng.standard_normal((samples, k))).sum(1)
+    sums: np.ndarray = np.abs(rng.standard_normal((samples, k))).sum(1)  # (samples,)
+    return sums
 
 
 def theory_second_moment(n: int | float, k: int, kind: str = "gaussian") -> float:
@@ -240,7 +241,7 @@ def gradient_methods(names: Sequence[str] | None = None) -> tuple[list[str], dic
 
 
 # -- the model and the batch -------------------------------------------------------------------
-def mlp_for(width: int, in_shape: tuple[int, int, int], classes: int, seed: int) -> nn.Module:
+def mlp_for(width: int, in_shape: tuple[int, ...], classes: int, seed: int) -> nn.Module:
     """``mlp`` with one hidden layer of ``width`` units, initialized from ``seed``."""
     import forwardonly.models.mlp  # noqa: F401  (registers "mlp")
     from forwardonly.models import build_model
@@ -251,7 +252,7 @@ def mlp_for(width: int, in_shape: tuple[int, int, int], classes: int, seed: int)
 
 
 def load_batch(dataset: str, data_dir: str | None, batch_size: int, seed: int
-               ) -> tuple[Tensor, Tensor, tuple[int, int, int], int]:
+               ) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
     """A random training batch ``(B, C, H, W)``, labels ``(B,)``, the input shape and classes."""
     from forwardonly.data import load_dataset
 
@@ -262,7 +263,7 @@ def load_batch(dataset: str, data_dir: str | None, batch_size: int, seed: int
 
 
 # -- plot --------------------------------------------------------------------------------------
-def plot(path: Path, rows: list[dict], title: str) -> Path:
+def plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 8.5), layout="constrained")
@@ -354,7 +355,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads while measuring")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     if args.repeats < 2:
         raise ValueError(f"--repeats must be at least 2 to estimate a variance, got "
@@ -368,7 +369,7 @@ def run(args: argparse.Namespace) -> dict:
     points = [("width", w, args.width_directions) for w in _ints(args.widths)]
     points += [("directions", args.directions_width, k) for k in _ints(args.directions)]
 
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with torch_threads(args.threads):
         for sweep, width, k in points:

@@ -39,6 +39,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -188,13 +189,14 @@ def time_backprop_step(stages: Sequence[nn.Module], x: Tensor, y: Tensor, lr: fl
         t0 = _now()
         with torch.no_grad():
             for p in stages[i].parameters():
+                assert p.grad is not None  # every parameter is in the graph just run
                 p.add_(p.grad, alpha=-lr)
                 p.grad = None
         upd[i] = _now() - t0
     return {"forward": fwd, "backward": bwd, "update": upd}
 
 
-def stage_jvp(stage: nn.Sequential, h: Tensor, h_dot: Tensor | None, sampler: DirectionSampler,
+def stage_jvp(stage: nn.Module, h: Tensor, h_dot: Tensor | None, sampler: DirectionSampler,
               first_index: int) -> tuple[Tensor, Tensor | None, list[Tensor | Rank1]]:
     """Forward pass of one stage carrying the tangent of one weight direction.
 
@@ -247,6 +249,7 @@ def time_forward_gradient_step(stages: Sequence[nn.Module], x: Tensor, y: Tensor
             jv[i] = _now() - t0
             index += len(dirs)
             directions.append(dirs)
+        assert h_dot is not None  # the last stage's loss derivative (there is a stage)
         d = float(h_dot[0])  # the scalar every stage waits for
         coeff = torch.tensor([d])
         for i, stage in enumerate(stages):
@@ -260,7 +263,9 @@ def time_forward_gradient_step(stages: Sequence[nn.Module], x: Tensor, y: Tensor
 
 def measure_costs(stages: Sequence[nn.Module], x: Tensor, y: Tensor, *, repeats: int,
                   warmup: int, distributions: Sequence[str] = ("gaussian",), lr: float = 1e-3,
-                  seed: int = 0) -> tuple[dict[str, dict[str, list[float]]], dict]:
+                  seed: int = 0
+                  ) -> tuple[dict[str, dict[str, list[float]]],
+                             dict[str, list[dict[str, list[float]]]]]:
     """Per-stage, per-phase median seconds over ``repeats`` steps of each method.
 
     Methods are ``"bp"`` (phases forward, backward, update) and ``"fg-<distribution>"`` for
@@ -349,7 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="delay for the scalar d to reach every stage (not measured here)")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     dists = [d.strip() for d in str(args.distributions).split(",") if d.strip()]
     for d in dists:
@@ -390,8 +395,8 @@ def run(args: argparse.Namespace) -> dict:
              f"{args.stages} stages, {args.threads} thread(s)")
     png = plot(out / "latency.png", schedules, args.stages, title)
 
-    summary: dict = {"backprop_ms": t_bp * 1e3, "parameters": params, "label": LABEL,
-                     "png": str(png)}
+    summary: dict[str, Any] = {"backprop_ms": t_bp * 1e3, "parameters": params,
+                               "label": LABEL, "png": str(png)}
     for key, phases in costs.items():
         for phase, values in phases.items():
             summary[f"{key}_{phase}_ms"] = sum(values) * 1e3

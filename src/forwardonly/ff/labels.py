@@ -24,7 +24,12 @@ def check_label_room(features: int, num_classes: int) -> None:
 
 
 def label_codes(
-    labels: Tensor | None, count: int, num_classes: int, scale: float = 1.0, *, device=None
+    labels: Tensor | None,
+    count: int,
+    num_classes: int,
+    scale: float = 1.0,
+    *,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """The K label entries of ``count`` examples (count, K): ``scale·e_y``, or ``scale/K``
     everywhere for the neutral label (``labels=None``)."""
@@ -70,7 +75,9 @@ def embed_labels(x: Tensor, labels: Tensor | None, num_classes: int, scale: floa
     return write_codes(x, codes.to(x.dtype))
 
 
-def trial_codes(count: int, num_classes: int, scale: float = 1.0, *, device=None) -> Tensor:
+def trial_codes(
+    count: int, num_classes: int, scale: float = 1.0, *, device: torch.device | str | None = None
+) -> Tensor:
     """Codes of every label for ``count`` examples, label-major: (K·count, K)."""
     eye = torch.eye(num_classes, device=device) * scale
     return eye.repeat_interleave(count, dim=0)

@@ -27,6 +27,7 @@ from forwardonly.ff.first_layer import image_part, labelled_preactivation
 from forwardonly.ff.goodness import GoodnessKind, check_goodness_kind, goodness
 from forwardonly.ff.labels import check_label_room, embed_labels, trial_codes
 from forwardonly.models import register_model
+from forwardonly.models.containers import ModuleList
 
 Mode = Literal["supervised", "unsupervised"]
 Readout = Literal["goodness", "softmax"]
@@ -57,7 +58,7 @@ def affine(x: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype) -> Tenso
 
 def rms_normalize(x: Tensor) -> Tensor:
     """Rows of ``x`` (B, n) rescaled to mean square 1: ``x · √n / ‖x‖``; zero rows stay zero."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (B, 1)
+    norm: Tensor = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (B, 1)
     return x * (math.sqrt(x.shape[-1]) / norm.clamp_min(1e-30))
 
 
@@ -75,6 +76,8 @@ class FFLayer(nn.Module):
         dtype: dtype of the matrix product (float32, or bfloat16 for speed); weights,
             activities and gradients stay float32.
     """
+
+    mean_activity: Tensor  # (out,) buffer
 
     def __init__(
         self,
@@ -192,7 +195,7 @@ class FFNet(nn.Module):
 
         gen = torch.Generator().manual_seed(int(seed))
         sizes = [self.in_features, *widths]
-        self.layers = nn.ModuleList(
+        self.layers = ModuleList(
             FFLayer(a, b, normalize_input=(i > 0 or normalize_input), generator=gen, dtype=dtype)
             for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
         )
@@ -241,7 +244,8 @@ class FFNet(nn.Module):
 
     def readout_logits(self, x: Tensor) -> Tensor:
         """Softmax-readout class scores (B, K) for images (B, C, H, W)."""
-        return self.head(self.features(self.activities(self.neutral(self.flatten(x)))))
+        logits: Tensor = self.head(self.features(self.activities(self.neutral(self.flatten(x)))))
+        return logits
 
     def goodness_scores(self, x: Tensor) -> Tensor:
         """Goodness summed over the layers from ``readout_from`` on, for every label: (B, K).
@@ -260,11 +264,13 @@ class FFNet(nn.Module):
             codes = trial_codes(b, K, self.label_scale, device=chunk.device).to(chunk.dtype)
             z, _ = labelled_preactivation(self.layers[0], part, codes)  # (K·b, n), label-major
             h = z.clamp_min_(0.0)
-            total = goodness(h, self.goodness) if self.readout_from == 0 else 0.0
+            total = goodness(h, self.goodness) if self.readout_from == 0 else None  # (K·b,)
             for i, layer in enumerate(self.layers[1:], start=1):
                 h = layer(h)
                 if i >= self.readout_from:
-                    total = total + goodness(h, self.goodness)
+                    g = goodness(h, self.goodness)
+                    total = g if total is None else total + g
+            assert total is not None  # readout_from indexes a layer (checked in __init__)
             out.append(total.view(K, b).t())  # (b, K)
         return torch.cat(out)
 

@@ -19,6 +19,7 @@ Refitting changes the softmax readout (``FFNet.readout_logits``, which is ``mode
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +61,9 @@ def fit_linear_softmax(features: Tensor, targets: Tensor, num_classes: int, *,
         )
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    like = {"dtype": features.dtype, "device": features.device}
-    w = torch.zeros(num_classes, features.shape[1], **like, requires_grad=True)
-    b = torch.zeros(num_classes, **like, requires_grad=True)
+    dtype, device = features.dtype, features.device
+    w = torch.zeros(num_classes, features.shape[1], dtype=dtype, device=device, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=dtype, device=device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=tolerance, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")
@@ -84,7 +85,8 @@ def readout_error(features: Tensor, targets: Tensor, w: Tensor, b: Tensor) -> fl
 
 
 def choose_weight_decay(features: Tensor, targets: Tensor, num_classes: int,
-                        candidates: Sequence[float], held_out: int) -> tuple[float, dict]:
+                        candidates: Sequence[float], held_out: int
+                        ) -> tuple[float, dict[float, float]]:
     """The λ of ``candidates`` with the lowest error on the last ``held_out`` rows when fitted
     on the others; returns ``(λ, {λ: held-out error})`` (ties go to the larger λ)."""
     if not 0 < held_out < len(targets):
@@ -95,7 +97,7 @@ def choose_weight_decay(features: Tensor, targets: Tensor, num_classes: int,
         raise ValueError("give at least one weight-decay candidate")
     fit_x, fit_y = features[:-held_out], targets[:-held_out]
     val_x, val_y = features[-held_out:], targets[-held_out:]
-    errors = {}
+    errors: dict[float, float] = {}
     for lam in candidates:
         w, b = fit_linear_softmax(fit_x, fit_y, num_classes, weight_decay=lam)
         errors[lam] = readout_error(val_x, val_y, w, b)
@@ -104,7 +106,7 @@ def choose_weight_decay(features: Tensor, targets: Tensor, num_classes: int,
 
 
 def refit_head(model: FFNet, x: Tensor, y: Tensor, *, candidates: Sequence[float] =
-               (1e-5, 1e-4, 1e-3, 1e-2), held_out: int | None = None) -> dict:
+               (1e-5, 1e-4, 1e-3, 1e-2), held_out: int | None = None) -> dict[str, Any]:
     """Refit ``model.head`` on the frozen features of the training images ``x``, ``y``:
     λ chosen on the last ``held_out`` of them (default: a sixth, at most 10,000), then the
     head fitted on all. Returns ``{"weight_decay": λ, "held_out": rows,

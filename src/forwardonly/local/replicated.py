@@ -24,6 +24,8 @@ gradients it decides how many perturbed units each directional derivative mixes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -60,13 +62,13 @@ class _Replicate(torch.autograd.Function):
     slice ``h[:, p, g-th group]`` and equals ``e`` there (the closed form above)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, e: Tensor, loss: Tensor, groups: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, h: Tensor, e: Tensor, loss: Tensor, groups: int) -> Tensor:
         ctx.save_for_backward(e)
         ctx.groups = groups
         return loss.reshape(1, 1).expand(h.shape[1], groups).clone()
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (e,) = ctx.saved_tensors
         b, p, c = e.shape
         g = ctx.groups
@@ -82,7 +84,9 @@ def replicate(h: Tensor, e: Tensor, loss: Tensor, groups: int) -> Tensor:
         e: ``(B, P, C)`` gradient of the plain loss w.r.t. ``h`` (:func:`pool_vjp`).
         loss: the plain loss, a scalar: the value of every replicated loss.
     """
-    return _Replicate.apply(h, e.detach(), loss.detach(), groups)
+    losses: Tensor = _Replicate.apply(  # type: ignore[no-untyped-call]  # untyped in torch
+        h, e.detach(), loss.detach(), groups)
+    return losses
 
 
 def replicated_losses_reference(h: Tensor, head: Head, targets: Tensor, groups: int) -> Tensor:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import check_sizes, register_model
+from .containers import ModuleList
 from .local_norm import LN_EPS as LN_EPS  # re-exported: part of this module's interface
 from .local_norm import layer_norm as layer_norm
 from .local_norm import local_layer_norm
@@ -169,7 +170,7 @@ class MixerBlock(nn.Module):
 
     def __init__(self, layers: list[MixerLayer], residual: bool) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(layers)
+        self.layers = ModuleList(layers)
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:  # (B, P, C_in) -> (B, P, C)
@@ -248,9 +249,9 @@ class LocalMixer(nn.Module):
         for _ in range(blocks - 1):
             blocks_.append(MixerBlock([layer("token", c), layer("dense", c), layer("group", c)],
                                       residual=True))
-        self.blocks = nn.ModuleList(blocks_)
+        self.blocks = ModuleList(blocks_)
         head_std = min(2.0 / math.sqrt(c), 0.1)
-        self.heads = nn.ModuleList(Head(c, num_classes, head_std, gen) for _ in range(blocks))
+        self.heads = ModuleList(Head(c, num_classes, head_std, gen) for _ in range(blocks))
         self.final_head = Head(c, num_classes, 0.0, gen)
 
     @property

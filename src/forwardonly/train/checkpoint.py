@@ -43,7 +43,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             f"or point to an existing run directory"
         )
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state: dict[str, Any] = torch.load(path, map_location=map_location, weights_only=True)
+        return state
     except Exception as exc:  # unpickling errors come in many types
         raise CheckpointError(
             f"checkpoint {path} could not be read safely ({type(exc).__name__}: {exc}); "

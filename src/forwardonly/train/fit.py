@@ -156,7 +156,7 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
             row = run_epoch(config, worker, opt, sched, train_x, train_y, epoch, run_dir, watch)
             row["train_error"] = worker.error_rate(data.train_x[:n_eval],
                                                    data.train_y[:n_eval], config.eval_batch_size)
-            if getattr(data, "val_x", None) is not None:  # the split to choose settings on
+            if data.val_x is not None and data.val_y is not None:  # to choose settings on
                 row["val_error"] = worker.error_rate(data.val_x, data.val_y,
                                                      config.eval_batch_size)
             row["test_error"] = worker.error_rate(data.test_x, data.test_y,

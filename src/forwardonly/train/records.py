@@ -30,7 +30,8 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml; is it a forwardonly run directory?")
-    return yaml.safe_load(path.read_text())["config"]
+    config: dict[str, Any] = yaml.safe_load(path.read_text())["config"]
+    return config
 
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:

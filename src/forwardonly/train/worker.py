@@ -29,8 +29,9 @@ class Worker(Protocol):
     ``finish``. Every method is called on every process in the same order (collectives).
     """
 
-    #: This process writes the run directory, the checkpoints and the log.
-    is_writer: bool
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the run directory, the checkpoints and the log."""
 
     def start(self, values: dict[str, Any]) -> None:
         """Join the run; ``values`` are the settings every process must share."""
