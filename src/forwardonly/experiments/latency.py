@@ -47,6 +47,8 @@ from torch import Tensor, nn
 
 from forwardonly.autodiff import (
     DirectionSampler,
+    Factored,
+    LowRank,
     Rank1,
     loss_and_derivatives,
     run_layers,
@@ -197,7 +199,7 @@ def time_backprop_step(stages: Sequence[nn.Module], x: Tensor, y: Tensor, lr: fl
 
 
 def stage_jvp(stage: nn.Module, h: Tensor, h_dot: Tensor | None, sampler: DirectionSampler,
-              first_index: int) -> tuple[Tensor, Tensor | None, list[Tensor | Rank1]]:
+              first_index: int) -> tuple[Tensor, Tensor | None, list[Tensor | Factored]]:
     """Forward pass of one stage carrying the tangent of one weight direction.
 
     The rules of :mod:`forwardonly.autodiff.rules`: ``y = x Wᵀ + b`` gives
@@ -209,9 +211,9 @@ def stage_jvp(stage: nn.Module, h: Tensor, h_dot: Tensor | None, sampler: Direct
     Returns ``(h, h_dot, directions)``: output ``(B, q)``, its tangent ``(B, q)`` and the
     directions of the stage's parameters (``(1, *shape)`` tensors or :class:`Rank1` factors).
     """
-    dirs: list[Tensor | Rank1] = []
+    dirs: list[Tensor | Factored] = []
 
-    def tangent(p: nn.Parameter) -> Tensor | Rank1:
+    def tangent(p: nn.Parameter) -> Tensor | Factored:
         index = first_index + len(dirs)
         dirs.append(sampler.factors(index, p, 1) if sampler.is_factored(p.shape)
                     else sampler.dense(index, p, 1))
@@ -236,7 +238,7 @@ def time_forward_gradient_step(stages: Sequence[nn.Module], x: Tensor, y: Tensor
     s = len(stages)
     jv, upd = [0.0] * s, [0.0] * s
     sampler = DirectionSampler(distribution, seed)
-    directions: list[list[Tensor | Rank1]] = []
+    directions: list[list[Tensor | Factored]] = []
     h, h_dot = x, None
     index = 0
     with torch.no_grad():
@@ -255,8 +257,8 @@ def time_forward_gradient_step(stages: Sequence[nn.Module], x: Tensor, y: Tensor
         for i, stage in enumerate(stages):
             t0 = _now()
             for p, v in zip(stage.parameters(), directions[i], strict=True):
-                step = v.combine(coeff) if isinstance(v, Rank1) else v.reshape(p.shape)
-                p.add_(step, alpha=-lr * (1.0 if isinstance(v, Rank1) else d))
+                step = v.combine(coeff) if isinstance(v, Rank1 | LowRank) else v.reshape(p.shape)
+                p.add_(step, alpha=-lr * (1.0 if isinstance(v, Rank1 | LowRank) else d))
             upd[i] = _now() - t0
     return {"jvp": jv, "update": upd}
 

@@ -139,7 +139,8 @@ def dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None =
         scale = q.shape[-1] ** -0.5
     if mask is not None and mask.dtype == torch.bool:
         mask = _additive(mask, q)
-    return _Attention.apply(q, k, v, mask, float(scale))
+    out: Tensor = _Attention.apply(q, k, v, mask, float(scale))  # type: ignore[no-untyped-call]
+    return out
 
 
 def _additive(keep: Tensor, like: Tensor) -> Tensor:
