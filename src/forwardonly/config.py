@@ -136,6 +136,14 @@ class TrainConfig:
     seed: int = _f(0, "Seed of everything: initialisation, shuffling, directions.")
     device: str = _f("cpu", "Device: cpu or cuda (cuda:N).")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice).")
+    compile: bool = _f(False, "Compile each training and evaluation step with torch.compile "
+                       "(every method alike, backprop included, so speed ratios stay fair). "
+                       "The first steps are slow while it compiles; worth it on a GPU, "
+                       "rarely on a CPU.")
+    precision: str = _f("float32", "Compute precision of each step: float32 (the default) or "
+                        "bfloat16 (autocast: matrix products in bfloat16, losses and the "
+                        "parameters' gradient estimates in float32). For GPUs with bfloat16 "
+                        "units; a CPU without them runs it several times slower.")
     out: str | None = _f(None, "Run directory (config, metrics, plot, checkpoint); default "
                          "runs/<dataset>-<method>-s<seed>-<date-time>.")
     progress: bool = _f(True, "Show a progress bar per epoch.")
@@ -230,6 +238,11 @@ class TrainConfig:
             problems.append(f"device must be cpu or cuda[:N]; got {self.device!r}")
         elif self.device.startswith("cuda"):
             problems += _cuda_problems(self.device)
+        one_of("precision", self.precision, PRECISIONS)
+        if self.distributed == "stages" and (self.compile or self.precision != "float32"):
+            problems.append("compile and precision bfloat16 are not supported with "
+                            "--distributed stages (its stages run their own forward passes); "
+                            "drop them or use --distributed data")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads must be at least 1 when set; got {self.threads} (leave "
                             f"it unset for torch's own choice)")
@@ -297,6 +310,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+#: Compute precisions of ``--precision`` (autocast dtype; float32: no autocast).
+PRECISIONS = ("float32", "bfloat16")
 
 # Settings that belong to a model or a method: passed only to the ones whose signature takes
 # them (under the parameter name of ``param_name``), and rejected when set for others.
