@@ -51,7 +51,8 @@ def test_activity_weight_grads_masked_shortcut_and_consumed_tangent(device):
     x, u, coef = x.to(device), u.to(device), coef.to(device)
     with torch.no_grad():
         _, _, short = layer_forward(layer, x, None, u=u.clone())
-        _, _, general = layer_forward(layer, x, torch.zeros(2, *x.shape, device=device), u=u.clone())
+        zero = torch.zeros(2, *x.shape, device=device)
+        _, _, general = layer_forward(layer, x, zero, u=u.clone())
     assert short.u_masked and not general.u_masked
     for got, ref in zip(activity_weight_grads(short, coef), activity_weight_grads(general, coef),
                         strict=True):
