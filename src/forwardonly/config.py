@@ -141,9 +141,11 @@ class TrainConfig:
                        "The first steps are slow while it compiles; worth it on a GPU, "
                        "rarely on a CPU.")
     precision: str = _f("float32", "Compute precision of each step: float32 (the default) or "
-                        "bfloat16 (autocast: matrix products in bfloat16, losses and the "
-                        "parameters' gradient estimates in float32). For GPUs with bfloat16 "
-                        "units; a CPU without them runs it several times slower.")
+                        "bfloat16 (torch.autocast: matrix products in bfloat16, losses and "
+                        "normalizations in float32, .grad stored in float32; methods: bp, "
+                        "l-bp, lg-bp, fg-w and fg-sign with 2+ directions). For GPUs with "
+                        "bfloat16 units; on a CPU without them it is several times slower. "
+                        "See docs/gpu.md.")
     out: str | None = _f(None, "Run directory (config, metrics, plot, checkpoint); default "
                          "runs/<dataset>-<method>-s<seed>-<date-time>.")
     progress: bool = _f(True, "Show a progress bar per epoch.")
