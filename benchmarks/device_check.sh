@@ -89,6 +89,8 @@ if [ "$SMOKE" = 1 ]; then
   TESTS=(tests/autodiff/test_forward_mode.py tests/local/test_replicated.py)
 else
   TESTS=(tests)
+  # pytest-xdist where installed: the suite in parallel processes, within its time box
+  "$PY" -c "import xdist" 2>/dev/null && TESTS=(-n 8 tests)
 fi
 STAGE_LOG="$OUT/tests.log" stage tests "$T_TESTS" env FORWARDONLY_TEST_DEVICE=$DEVICE \
   "$PY" -m pytest -m "not slow" -p no:cacheprovider -p no:warnings -rs \
