@@ -137,6 +137,16 @@ class TrainConfig:
     seed: int = _f(0, "Seed of everything: initialisation, shuffling, directions.")
     device: str = _f("cpu", "Device: cpu or cuda (cuda:N).")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice).")
+    compile: bool = _f(False, "Compile each training and evaluation step with torch.compile "
+                       "(every method alike, backprop included, so speed ratios stay fair). "
+                       "The first steps are slow while it compiles; worth it on a GPU, "
+                       "rarely on a CPU.")
+    precision: str = _f("float32", "Compute precision of each step: float32 (the default) or "
+                        "bfloat16 (torch.autocast: matrix products in bfloat16, losses and "
+                        "normalizations in float32, .grad stored in float32; methods: bp, "
+                        "l-bp, lg-bp, fg-w and fg-sign with 2+ directions). For GPUs with "
+                        "bfloat16 units; on a CPU without them it is several times slower. "
+                        "See docs/gpu.md.")
     out: str | None = _f(None, "Run directory (config, metrics, plot, checkpoint); default "
                          "runs/<dataset>-<method>-s<seed>-<date-time>.")
     progress: bool = _f(True, "Show a progress bar per epoch.")
@@ -234,6 +244,20 @@ class TrainConfig:
             problems.append(f"device must be cpu or cuda[:N]; got {self.device!r}")
         elif self.device.startswith("cuda"):
             problems += _cuda_problems(self.device)
+        one_of("precision", self.precision, PRECISIONS)
+        if self.precision == "bfloat16" and self.method in BF16_REFUSED:
+            problems.append(f"--precision bfloat16 is not supported with --method "
+                            f"{self.method}: {BF16_REFUSED[self.method]}; it runs with "
+                            f"--method {', '.join(BF16_METHODS)}")
+        if self.precision == "bfloat16" and self.method in ("fg-w", "fg-sign") \
+                and self.directions == 1:
+            problems.append("--precision bfloat16 needs --directions 2 or more with --method "
+                            f"{self.method}: the one-direction path's Linear rule "
+                            "(autodiff/rules.linear_jvp) mixes bfloat16 and float32")
+        if self.distributed == "stages" and (self.compile or self.precision != "float32"):
+            problems.append("compile and precision bfloat16 are not supported with "
+                            "--distributed stages (its stages run their own forward passes); "
+                            "drop them or use --distributed data")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads must be at least 1 when set; got {self.threads} (leave "
                             f"it unset for torch's own choice)")
@@ -301,6 +325,21 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+#: Compute precisions of ``--precision`` (autocast dtype; float32: no autocast).
+PRECISIONS = ("float32", "bfloat16")
+#: Methods measured to train under bfloat16 autocast (their losses track float32's).
+BF16_METHODS = ("bp", "fg-w", "fg-sign", "l-bp", "lg-bp")
+_LN_JVP = ("the LocalMixer's LayerNorm forward rule (models/local_norm.ln_jvp) mixes a "
+           "bfloat16 tangent with float32 statistics")
+#: Methods refused under bfloat16 autocast, and why.
+BF16_REFUSED = {
+    "zo": "finite differences with epsilon 1e-3 are below bfloat16's resolution (the loss "
+          "stops falling)",
+    "zo-sign": "finite differences with epsilon 1e-3 are below bfloat16's resolution",
+    "fg-a": _LN_JVP, "lg-fg-a": _LN_JVP, "lg-fg-w": _LN_JVP, "fg-w-mixer": _LN_JVP,
+    "ff": "Forward-Forward sets its own precision: use --ff-precision bfloat16",
+}
 
 # Settings that belong to a model or a method: passed only to the ones whose signature takes
 # them (under the parameter name of ``param_name``), and rejected when set for others.

@@ -21,12 +21,15 @@ def _reference(model, x, y, tangents):
                         for k in range(K)])
 
 
-def _setup(name, in_shape):
+def _setup(name, in_shape, device="cpu"):
+    """float64 model, batch and tangents drawn on the CPU, then moved to ``device``."""
     model = build_model(name, in_shape, 10).double()
     x = torch.randn(8, *in_shape, dtype=torch.float64)
     y = torch.randint(0, 10, (8,))
     tangents = {p: torch.randn(K, *p.shape, dtype=torch.float64) for p in model.parameters()}
-    return model, x, y, tangents
+    model.to(device)  # moves the parameters in place: the tangents' keys stay valid
+    return (model, x.to(device), y.to(device),
+            {p: t.to(device) for p, t in tangents.items()})
 
 
 class Wrapped(nn.Module):
@@ -42,8 +45,8 @@ class Wrapped(nn.Module):
 
 @pytest.mark.parametrize("name,in_shape", [("mlp", (1, 6, 6)), ("cnn", (2, 8, 8))])
 @pytest.mark.parametrize("wrap", [False, True], ids=["layer-by-layer", "whole-model"])
-def test_directional_derivative_equals_autograd(name, in_shape, wrap):
-    model, x, y, tangents = _setup(name, in_shape)
+def test_directional_derivative_equals_autograd(name, in_shape, wrap, device):
+    model, x, y, tangents = _setup(name, in_shape, device)
     expected = _reference(model, x, y, tangents)
     net = Wrapped(model) if wrap else model
     tangent_of = {id(p): t for p, t in tangents.items()}
@@ -54,17 +57,18 @@ def test_directional_derivative_equals_autograd(name, in_shape, wrap):
     assert rel < 1e-10
 
 
-def test_single_direction_path_matches():
-    model, x, y, tangents = _setup("mlp", (1, 4, 4))
+def test_single_direction_path_matches(device):
+    model, x, y, tangents = _setup("mlp", (1, 4, 4), device)
     expected = _reference(model, x, y, tangents)
     _, d = directional_derivatives(model, F.cross_entropy, x, y,
                                    lambda p: tangents[p][:1], 1)
     assert torch.allclose(d, expected[:1], rtol=1e-10, atol=0)
 
 
-def test_rank1_linear_rule_equals_dense():
-    model = build_model("mlp", (1, 4, 4), 5, widths=[7]).double()
-    x, y = torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.randint(0, 5, (6,))
+def test_rank1_linear_rule_equals_dense(device):
+    model = build_model("mlp", (1, 4, 4), 5, widths=[7]).double().to(device)
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64).to(device)
+    y = torch.randint(0, 5, (6,)).to(device)
     sampler = DirectionSampler("rank1", step_seed=123)
     index = {id(p): i for i, p in enumerate(model.parameters())}
     def factored(p):

@@ -9,7 +9,7 @@ from forwardonly.models.local_mixer import layer_norm, local_mixer
 
 
 @pytest.mark.parametrize("kind", ["token", "dense", "group"])
-def test_layer_forward_tangents_equal_autograd_jvp(kind):
+def test_layer_forward_tangents_equal_autograd_jvp(kind, device):
     """Hand-written forward mode (input, weight and activity tangents, residual) vs torch.func."""
     torch.manual_seed(1)
     model = local_mixer((1, 8, 8), 5, "tiny", width=16, groups=4)
@@ -19,6 +19,8 @@ def test_layer_forward_tangents_equal_autograd_jvp(kind):
     tx, tr = torch.randn(2, *x.shape), torch.randn(2, *r.shape)
     u = torch.randn(2, 3, model.tokens, 16)
     wd, bd = torch.randn(2, *layer.weight.shape), torch.randn(2, *layer.bias.shape)
+    layer.to(device)  # drawn on the CPU, the same on every device
+    x, r, tx, tr, u, wd, bd = (t.to(device) for t in (x, r, tx, tr, u, wd, bd))
 
     def f(xv, w, b, noise, res):
         z = layer.linear(layer_norm(xv, layer.norm_groups), w, b)
@@ -36,7 +38,7 @@ def test_layer_forward_tangents_equal_autograd_jvp(kind):
     assert torch.equal(trace.out, out) and trace.u is u
 
 
-def test_activity_weight_grads_masked_shortcut_and_consumed_tangent():
+def test_activity_weight_grads_masked_shortcut_and_consumed_tangent(device):
     """A layer whose only tangent is u keeps [out > 0] ⊙ u; its weight gradient equals the
     general path's (same u, a zero input tangent); a trace's u serves one gradient only."""
     torch.manual_seed(3)
@@ -45,9 +47,12 @@ def test_activity_weight_grads_masked_shortcut_and_consumed_tangent():
     x = torch.randn(3, model.tokens, 16)
     u = torch.randn(2, 3, model.tokens, 16)
     coef = torch.randn(2, 3, model.tokens, 4, 1)
+    layer.to(device)
+    x, u, coef = x.to(device), u.to(device), coef.to(device)
     with torch.no_grad():
         _, _, short = layer_forward(layer, x, None, u=u.clone())
-        _, _, general = layer_forward(layer, x, torch.zeros(2, *x.shape), u=u.clone())
+        zero = torch.zeros(2, *x.shape, device=device)
+        _, _, general = layer_forward(layer, x, zero, u=u.clone())
     assert short.u_masked and not general.u_masked
     for got, ref in zip(activity_weight_grads(short, coef), activity_weight_grads(general, coef),
                         strict=True):

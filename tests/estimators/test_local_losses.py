@@ -12,14 +12,16 @@ from forwardonly.models.local_mixer import local_mixer
 LOCAL = ("l-bp", "lg-bp", "fg-a", "lg-fg-a", "lg-fg-w", "fg-w-mixer")
 
 
-def setup(seed=0, blocks=2, batch=8):
+def setup(seed=0, blocks=2, batch=8, device="cpu"):
+    """A tiny LocalMixer and a batch, drawn on the CPU (the same on every device), then moved
+    to ``device``."""
     torch.manual_seed(seed)
     model = local_mixer((1, 8, 8), 5, "tiny", blocks=blocks, seed=seed + 1)
     with torch.no_grad():  # a non-zero final head, so the global loss reaches the backbone
         model.final_head.weight.normal_(0.0, 0.3)
     x = torch.rand(batch, 1, 8, 8)
     y = torch.randint(0, 5, (batch,))
-    return model, x, y
+    return model.to(device), x.to(device), y.to(device)
 
 
 def grads(model, name, x, y, **options):
@@ -37,8 +39,8 @@ def block_params(grads_, i):
 
 
 @pytest.mark.parametrize("name", LOCAL)
-def test_every_parameter_gets_a_finite_gradient(name):
-    model, x, y = setup()
+def test_every_parameter_gets_a_finite_gradient(name, device):
+    model, x, y = setup(device=device)
     assert name in ESTIMATORS
     est = make_estimator(name, model, F.cross_entropy)
     stats = est.step(x, y)
@@ -50,8 +52,8 @@ def test_every_parameter_gets_a_finite_gradient(name):
     torch.testing.assert_close(est.predict(x), model(x))  # predict: the final head
 
 
-def test_l_bp_is_exact_backprop_of_each_block_loss():
-    model, x, y = setup()
+def test_l_bp_is_exact_backprop_of_each_block_loss(device):
+    model, x, y = setup(device=device)
     got = grads(model, "l-bp", x, y)
     h = model.patchify(x)
     for i, block in enumerate(model.blocks):
@@ -67,19 +69,19 @@ def test_l_bp_is_exact_backprop_of_each_block_loss():
     torch.testing.assert_close(got["final_head.weight"], ref[0])
 
 
-def test_lg_bp_equals_l_bp():
+def test_lg_bp_equals_l_bp(device):
     """Summed replicated losses have the plain block loss's gradient (chain rule)."""
-    model, x, y = setup(1)
+    model, x, y = setup(1, device=device)
     a, b = grads(model, "l-bp", x, y), grads(model, "lg-bp", x, y)
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["l-bp", "lg-bp", "lg-fg-a", "lg-fg-w"])
-def test_each_local_loss_touches_only_its_own_block(name):
+def test_each_local_loss_touches_only_its_own_block(name, device):
     """Block 0's gradient is unchanged when block 1 or head 1 change (stop-gradient), and
     changes when its own head changes; the same seed gives the same estimate."""
-    model, x, y = setup(2)
+    model, x, y = setup(2, device=device)
     base = grads(model, name, x, y, seed=5)
     with torch.no_grad():
         for p in [*model.blocks[1].parameters(), *model.heads[1].parameters()]:
@@ -95,9 +97,9 @@ def test_each_local_loss_touches_only_its_own_block(name):
 
 
 @pytest.mark.slow
-def test_lg_fg_a_is_unbiased_for_its_local_losses():
+def test_lg_fg_a_is_unbiased_for_its_local_losses(device):
     """Average of 24000 activity-perturbation estimates → the exact local gradient."""
-    model, x, y = setup(3)
+    model, x, y = setup(3, device=device)
     exact = grads(model, "l-bp", x, y)
     total = None
     for s in range(12):
@@ -109,8 +111,8 @@ def test_lg_fg_a_is_unbiased_for_its_local_losses():
             torch.testing.assert_close((g / 12).norm(), exact[n].norm(), rtol=0.1, atol=0)
 
 
-def test_lg_fg_a_gaussian_and_rademacher_are_both_unbiased():
-    model, x, y = setup(4, blocks=1)
+def test_lg_fg_a_gaussian_and_rademacher_are_both_unbiased(device):
+    model, x, y = setup(4, blocks=1, device=device)
     exact = grads(model, "l-bp", x, y)
     for dist in ("gaussian", "rademacher"):
         g = grads(model, "lg-fg-a", x, y, directions=4000, distribution=dist, seed=1)
@@ -118,9 +120,9 @@ def test_lg_fg_a_gaussian_and_rademacher_are_both_unbiased():
             assert cos(g[n], exact[n]) > 0.98, (dist, n)
 
 
-def test_fg_a_is_unbiased_for_the_global_loss():
+def test_fg_a_is_unbiased_for_the_global_loss(device):
     """Global activity perturbation (one block, so the check stays fast): cos > 0.98."""
-    model, x, y = setup(5, blocks=1)
+    model, x, y = setup(5, blocks=1, device=device)
     exact = grads(model, "bp", x, y)
     total = None
     for s in range(4):
@@ -130,10 +132,10 @@ def test_fg_a_is_unbiased_for_the_global_loss():
         assert cos(total[n], exact[n]) > 0.98, n
 
 
-def test_lg_fg_w_approaches_the_local_gradient():
+def test_lg_fg_w_approaches_the_local_gradient(device):
     """Weight perturbation per (group) loss: unbiased for the grouped layer, a small bias for
     the dense layer (its output LayerNorm mixes groups); cos > 0.98 / > 0.95 at 8000 samples."""
-    model, x, y = setup(6, blocks=1)
+    model, x, y = setup(6, blocks=1, device=device)
     exact = grads(model, "l-bp", x, y)
     total = None
     for s in range(4):
@@ -143,8 +145,8 @@ def test_lg_fg_w_approaches_the_local_gradient():
     assert cos(total["blocks.0.layers.0.weight"], exact["blocks.0.layers.0.weight"]) > 0.95
 
 
-def test_directions_are_reproducible_per_step():
-    model, x, y = setup(7)
+def test_directions_are_reproducible_per_step(device):
+    model, x, y = setup(7, device=device)
     est = make_estimator("lg-fg-a", model, F.cross_entropy, seed=3)
     est.step(x, y)
     first = model.blocks[0].layers[0].weight.grad.clone()
@@ -156,8 +158,8 @@ def test_directions_are_reproducible_per_step():
 
 
 @pytest.mark.parametrize("name", LOCAL)
-def test_freeze_backbone_trains_the_heads_only(name):
-    model, x, y = setup(8)
+def test_freeze_backbone_trains_the_heads_only(name, device):
+    model, x, y = setup(8, device=device)
     est = make_estimator(name, model, F.cross_entropy, freeze_backbone=True)
     est.step(x, y)
     for p in model.backbone_parameters():
@@ -166,8 +168,8 @@ def test_freeze_backbone_trains_the_heads_only(name):
     assert torch.count_nonzero(model.final_head.weight.grad) > 0
 
 
-def test_bad_arguments_are_clear_errors():
-    model, _, _ = setup()
+def test_bad_arguments_are_clear_errors(device):
+    model, _, _ = setup(device=device)
     with pytest.raises(TypeError, match="needs a LocalMixer"):
         make_estimator("lg-fg-a", nn.Sequential(nn.Flatten(), nn.Linear(64, 5)),
                        F.cross_entropy)
@@ -212,12 +214,12 @@ def test_lg_fg_a_learns_digits():
     assert err < frozen - 0.07, (err, frozen)
 
 
-def test_fg_a_on_a_plain_mlp_is_unbiased_and_trains_the_head_exactly():
+def test_fg_a_on_a_plain_mlp_is_unbiased_and_trains_the_head_exactly(device):
     from forwardonly.models.mlp import mlp
 
     torch.manual_seed(9)
-    model = mlp((1, 8, 8), 5, widths=(32, 16))
-    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 5, (16,))
+    model = mlp((1, 8, 8), 5, widths=(32, 16)).to(device)
+    x, y = torch.rand(16, 1, 8, 8).to(device), torch.randint(0, 5, (16,)).to(device)
     exact = grads(model, "bp", x, y)
     total = None
     for s in range(3):
@@ -234,8 +236,8 @@ def test_fg_a_rejects_models_it_has_no_rule_for():
         make_estimator("fg-a", model, F.cross_entropy)
 
 
-def test_fg_w_mixer_is_unbiased_for_the_global_loss_with_exact_heads():
-    model, x, y = setup(10, blocks=1)
+def test_fg_w_mixer_is_unbiased_for_the_global_loss_with_exact_heads(device):
+    model, x, y = setup(10, blocks=1, device=device)
     exact = grads(model, "bp", x, y)
     total = None
     for s in range(4):

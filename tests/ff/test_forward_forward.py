@@ -35,13 +35,16 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def small_net(mode: str = "supervised", **kw) -> FFNet:
-    return FFNet((1, 8, 8), 10, (32, 24, 16), mode=mode, seed=1, **kw)
+def small_net(mode: str = "supervised", device: torch.device | str = "cpu", **kw) -> FFNet:
+    return FFNet((1, 8, 8), 10, (32, 24, 16), mode=mode, seed=1, **kw).to(device)
 
 
-def batch(n: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(n: int = 12, seed: int = 0, device: torch.device | str = "cpu"
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drawn on the CPU (the same on every device), then moved to ``device``."""
     g = gen(seed)
-    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    x, y = torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return x.to(device), y.to(device)
 
 
 # -- goodness and loss ---------------------------------------------------------------------
@@ -202,10 +205,10 @@ def test_hybrid_images_mix_two_different_images_pixelwise():
         ("unsupervised", "hybrid", {}),
     ],
 )
-def test_step_gradients_equal_autograd_of_each_layers_own_objective(mode, negatives, kw):
-    net = small_net(mode, **kw)
+def test_step_gradients_equal_autograd_of_each_layers_own_objective(mode, negatives, kw, device):
+    net = small_net(mode, **kw, device=device)
     est = ForwardForward(net, negatives=negatives, peer_weight=0.0, temperature=4.0)
-    x, y = batch()
+    x, y = batch(device=device)
     losses = est.local_objectives(x, y)
     est.step(x, y)
     for layer, loss in zip(net.layers, losses, strict=True):
@@ -214,10 +217,10 @@ def test_step_gradients_equal_autograd_of_each_layers_own_objective(mode, negati
         torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-4, atol=1e-6)
 
 
-def test_symmetric_loss_gradients_equal_autograd():
-    net = small_net()
+def test_symmetric_loss_gradients_equal_autograd(device):
+    net = small_net(device=device)
     est = ForwardForward(net, loss="symmetric", peer_weight=0.0, temperature=8.0)
-    x, y = batch()
+    x, y = batch(device=device)
     losses = est.local_objectives(x, y)
     est.step(x, y)
     for layer, loss in zip(net.layers, losses, strict=True):
@@ -225,10 +228,10 @@ def test_symmetric_loss_gradients_equal_autograd():
                                    rtol=1e-4, atol=1e-6)
 
 
-def test_stepping_only_layer_l_plus_1_leaves_layer_l_unchanged():
-    net = small_net()
+def test_stepping_only_layer_l_plus_1_leaves_layer_l_unchanged(device):
+    net = small_net(device=device)
     est = ForwardForward(net, peer_weight=0.0)
-    x, y = batch()
+    x, y = batch(device=device)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     opt.zero_grad()
@@ -240,11 +243,11 @@ def test_stepping_only_layer_l_plus_1_leaves_layer_l_unchanged():
         assert changed == name.startswith("layers.1."), name
 
 
-def test_a_layers_update_does_not_depend_on_the_layers_above():
-    x, y = batch()
+def test_a_layers_update_does_not_depend_on_the_layers_above(device):
+    x, y = batch(device=device)
     grads = []
     for perturb in (False, True):
-        net = small_net()
+        net = small_net(device=device)
         if perturb:
             with torch.no_grad():
                 net.layers[2].weight.mul_(-3.0).add_(1.0)
@@ -255,16 +258,17 @@ def test_a_layers_update_does_not_depend_on_the_layers_above():
         assert torch.equal(a, b)
 
 
-def test_peer_normalization_pulls_units_towards_the_layer_mean_activity():
-    x, y = batch()
-    plain, peer = small_net(), small_net()  # same weights
+def test_peer_normalization_pulls_units_towards_the_layer_mean_activity(device):
+    x, y = batch(device=device)
+    plain, peer = small_net(device=device), small_net(device=device)  # same weights
     ForwardForward(plain, peer_weight=0.0).step(x, y)
     with torch.no_grad():
-        peer.layers[0].mean_activity.copy_(torch.linspace(0.0, 1.0, 32))
+        peer.layers[0].mean_activity.copy_(torch.linspace(0.0, 1.0, 32, device=device))
     ForwardForward(peer, peer_weight=0.5).step(x, y)
     m = peer.layers[0].mean_activity  # already updated with this batch
     h_pos = peer.layers[0](peer.embed(peer.flatten(x), y))
-    torch.testing.assert_close(m, 0.9 * torch.linspace(0.0, 1.0, 32) + 0.1 * h_pos.mean(0), **TOL)
+    ramp = torch.linspace(0.0, 1.0, 32, device=device)
+    torch.testing.assert_close(m, 0.9 * ramp + 0.1 * h_pos.mean(0), **TOL)
     # the bias gradient gains lambda * (m_j - mean(m)): units above the layer mean are damped
     extra = peer.layers[0].bias.grad - plain.layers[0].bias.grad  # (32,)
     torch.testing.assert_close(extra, 0.5 * (m - m.mean()), rtol=1e-4, atol=1e-6)
@@ -296,20 +300,20 @@ def test_configuration_errors_are_clear():
         ForwardForward(small_net()).step(torch.rand(4, 1, 9, 9), torch.zeros(4, dtype=torch.long))
 
 
-def test_resumed_estimator_draws_the_same_negatives():
-    x, y = batch()
-    a = ForwardForward(small_net(), seed=5)
+def test_resumed_estimator_draws_the_same_negatives(device):
+    x, y = batch(device=device)
+    a = ForwardForward(small_net(device=device), seed=5)
     a.step(x, y)
     after_one = {k: v.clone() for k, v in a.model.state_dict().items()}  # peer running means
     state = a.state_dict()
     a.step(x, y)
-    resumed = ForwardForward(small_net(), seed=5)
+    resumed = ForwardForward(small_net(device=device), seed=5)
     resumed.model.load_state_dict(after_one)
     resumed.load_state_dict(state)
     resumed.step(x, y)
     for p, q in zip(a.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
-    other = ForwardForward(small_net(), seed=6)  # another seed, other negatives
+    other = ForwardForward(small_net(device=device), seed=6)  # another seed, other negatives
     other.model.load_state_dict(after_one)
     other.load_state_dict({"seed": 6, "steps_done": 1})
     other.step(x, y)
@@ -387,16 +391,16 @@ def test_first_layer_shortcut_equals_the_plain_layer(normalize_input):
     torch.testing.assert_close(grad, delta.t() @ layer.prepare(rows), rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_products_give_nearly_the_float32_step():
-    x, y = batch(32)
+def test_bfloat16_products_give_nearly_the_float32_step(device):
+    x, y = batch(32, device=device)
     grads = {}
     for precision in ("float32", "bfloat16"):
-        net = FFNet((1, 8, 8), 10, (64, 64), precision=precision, seed=0)
+        net = FFNet((1, 8, 8), 10, (64, 64), precision=precision, seed=0).to(device)
         ForwardForward(net, negatives="random", temperature=8.0).step(x, y)
         grads[precision] = [p.grad for p in net.layers.parameters()]
     for a, b in zip(grads["float32"], grads["bfloat16"], strict=True):
         # bfloat16 keeps 8 mantissa bits: 2^-8 relative per operand; 5% over a whole tensor
         assert float((a - b).norm() / a.norm()) < 0.05
-    assert FFNet((1, 8, 8), 10, (8,), precision="bfloat16")(x).dtype == torch.float32
+    assert FFNet((1, 8, 8), 10, (8,), precision="bfloat16").to(device)(x).dtype == torch.float32
     with pytest.raises(ValueError, match="ff_precision"):
         FFNet((1, 8, 8), 10, (8,), precision="float16")  # type: ignore[arg-type]

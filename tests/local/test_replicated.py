@@ -16,12 +16,14 @@ from forwardonly.models.local_mixer import local_mixer
 B, P, C, G = 4, 4, 16, 4
 
 
-def setup(seed=0):
+def setup(seed=0, device="cpu"):
+    """Drawn on the CPU (the same on every device), then moved to ``device``."""
     torch.manual_seed(seed)
     model = local_mixer((1, 8, 8), 5, "tiny", width=C, groups=G)
     h = torch.randn(B, P, C).relu()  # a block output
     y = torch.randint(0, 5, (B,))
-    return model, model.heads[0], h, y
+    model.to(device)
+    return model, model.heads[0], h.to(device), y.to(device)
 
 
 def closed_form_e(model, head, h, y):
@@ -32,8 +34,8 @@ def closed_form_e(model, head, h, y):
     return pool_vjp(h, mean, rstd, dfeats, G), loss
 
 
-def test_replicated_forward_values_equal_plain_pooling():
-    model, head, h, y = setup()
+def test_replicated_forward_values_equal_plain_pooling(device):
+    model, head, h, y = setup(device=device)
     ref = replicated_losses_reference(h, head, y, G)  # (B, P, G), materialised copies
     plain = F.cross_entropy(head(model.block_features(h)), y, reduction="none")  # (B,)
     assert ref.shape == (B, P, G)
@@ -42,19 +44,19 @@ def test_replicated_forward_values_equal_plain_pooling():
     torch.testing.assert_close(feats, model.block_features(h), rtol=1e-6, atol=1e-6)
 
 
-def test_pool_vjp_is_the_plain_loss_gradient():
-    model, head, h, y = setup(1)
+def test_pool_vjp_is_the_plain_loss_gradient(device):
+    model, head, h, y = setup(1, device=device)
     e, _ = closed_form_e(model, head, h, y)
     hr = h.clone().requires_grad_()
     (ref,) = torch.autograd.grad(F.cross_entropy(head(model.block_features(hr)), y), hr)
     torch.testing.assert_close(e, ref, rtol=1e-5, atol=1e-7)
 
 
-def test_closed_form_per_loss_derivative_equals_autograd_on_stop_gradient_reference():
+def test_closed_form_per_loss_derivative_equals_autograd_on_stop_gradient_reference(device):
     """dL_{b,p,g} = <ḣ_{b,p,g}, e_{b,p,g}> (per example: times B for a batch-mean loss)."""
-    model, head, h, y = setup(2)
+    model, head, h, y = setup(2, device=device)
     e, _ = closed_form_e(model, head, h, y)
-    t = torch.randn(3, B, P, C)
+    t = torch.randn(3, B, P, C).to(device)
     got = replicated_jvp(e, t, G) * B  # (K, B, P, G)
     for k in range(3):
         _, ref = jvp(lambda v: replicated_losses_reference(v, head, y, G), (h,), (t[k],))
@@ -68,10 +70,10 @@ def test_closed_form_per_loss_derivative_equals_autograd_on_stop_gradient_refere
     assert not changed[:, 1, 1:].any()
 
 
-def test_replicated_backprop_matches_reference_and_sums_to_plain_gradient():
-    model, head, h, y = setup(3)
+def test_replicated_backprop_matches_reference_and_sums_to_plain_gradient(device):
+    model, head, h, y = setup(3, device=device)
     e, loss = closed_form_e(model, head, h, y)
-    w = torch.randn(P, G)
+    w = torch.randn(P, G).to(device)
     hr = h.clone().requires_grad_()
     losses = replicate(hr, e, loss, G)
     assert losses.shape == (P, G)

@@ -25,8 +25,8 @@ def cfg(tmp_path, **kw):
     return from_dict(values)
 
 
-def test_run_directory_contents(tmp_path):
-    result = fit(cfg(tmp_path, epochs=2, seed=3), log=lambda s: None)
+def test_run_directory_contents(tmp_path, device):
+    result = fit(cfg(tmp_path, epochs=2, seed=3, device=str(device)), log=lambda s: None)
     run = result.run_dir
     doc = yaml.safe_load((run / "config.yaml").read_text())
     assert doc["config"]["seed"] == 3 and doc["config"]["method"] == "fg-w"
@@ -48,16 +48,17 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    full = fit(cfg(tmp_path / "a", epochs=3), log=lambda s: None)
+def test_resume_equals_uninterrupted(tmp_path, device):
+    full = fit(cfg(tmp_path / "a", epochs=3, device=str(device)), log=lambda s: None)
 
     def stop_after_first_epoch(message):
         if message.startswith("epoch 1/"):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        fit(cfg(tmp_path / "b", epochs=3), log=stop_after_first_epoch)
-    resumed = fit(cfg(tmp_path / "b", epochs=3), resume=True, log=lambda s: None)
+        fit(cfg(tmp_path / "b", epochs=3, device=str(device)), log=stop_after_first_epoch)
+    resumed = fit(cfg(tmp_path / "b", epochs=3, device=str(device)), resume=True,
+                  log=lambda s: None)
     for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)
     drop = ("seconds", "samples_per_s")
@@ -114,16 +115,17 @@ def test_checkpoint_loading_executes_no_pickled_code(tmp_path):
         load(tmp_path / "missing.pt")
 
 
-def test_training_lowers_error_on_digits(tmp_path):
-    result = fit(cfg(tmp_path, epochs=4, method="bp", lr=1e-2, batch_size=32),
+def test_training_lowers_error_on_digits(tmp_path, device):
+    result = fit(cfg(tmp_path, epochs=4, method="bp", lr=1e-2, batch_size=32,
+                     device=str(device)),
                    log=lambda s: None)
     assert result.rows[-1]["train_loss"] < result.rows[0]["train_loss"]
     assert result.test_error < 0.15
 
 
-def test_inplace_sgd_training_lowers_the_loss(tmp_path):
+def test_inplace_sgd_training_lowers_the_loss(tmp_path, device):
     result = fit(cfg(tmp_path, epochs=3, method="zo", optimizer="sgd-inplace", lr=0.05,
-                       widths=[], batch_size=32), log=lambda s: None)
+                     widths=[], batch_size=32, device=str(device)), log=lambda s: None)
     assert result.rows[-1]["train_loss"] < 0.8 * result.rows[0]["train_loss"]
     assert all(p.grad is None for p in result.model.parameters())
 
@@ -190,8 +192,8 @@ def test_head_settings_need_a_model_with_a_head(tmp_path):
         from_dict({"head_weight_decay": -1.0})
 
 
-def test_augmentation_changes_training_deterministically(tmp_path):
-    base = dict(epochs=1, method="bp", lr=1e-2, batch_size=32)
+def test_augmentation_changes_training_deterministically(tmp_path, device):
+    base = dict(epochs=1, method="bp", lr=1e-2, batch_size=32, device=str(device))
     plain = fit(cfg(tmp_path / "a", **base), log=lambda s: None)
     aug = fit(cfg(tmp_path / "b", augment=["hflip", "shift"], **base), log=lambda s: None)
     again = fit(cfg(tmp_path / "c", augment=["hflip", "shift"], **base), log=lambda s: None)
@@ -203,10 +205,10 @@ def test_augmentation_changes_training_deterministically(tmp_path):
         from_dict({"augment": ["hflip"], "distributed": "data"})
 
 
-def test_stop_after_splits_a_run_into_chunks_that_equal_one_run(tmp_path):
+def test_stop_after_splits_a_run_into_chunks_that_equal_one_run(tmp_path, device):
     # augmentation included: a resumed run must draw the same flips and shifts
     base = dict(epochs=3, method="fg-w", lr=1e-2, train_eval_size=100,
-                augment=["hflip", "shift"])
+                augment=["hflip", "shift"], device=str(device))
     whole = fit(cfg(tmp_path / "whole", **base), log=lambda s: None)
     first = fit(cfg(tmp_path / "chunks", stop_after=2, **base), log=lambda s: None)
     assert len(first.rows) == 2

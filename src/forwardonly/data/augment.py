@@ -9,7 +9,10 @@
   the mean pixel, not the background; on MNIST the edges are background anyway.
 
 Both act on ``(B, C, H, W)`` batches; the generator is seeded per epoch by the trainer, so a
-resumed run draws the same augmentations.
+resumed run draws the same augmentations. The random numbers are drawn on the generator's
+device: a CPU generator gives the CPU stream (the same whatever device the images are on), a
+CUDA generator draws on the GPU, so images resident there are augmented with no host copy.
+A run is reproducible on either, but the two streams differ.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ MAX_SHIFT = 2
 
 def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
     """Each image of ``x`` (B, C, H, W) mirrored along W with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5  # (B,)
+    flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5  # (B,)
     return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
@@ -34,7 +37,8 @@ def random_shift(x: Tensor, generator: torch.Generator, max_shift: int = MAX_SHI
     ``[-max_shift, max_shift]²``; pixels moved in from outside repeat the nearest edge."""
     b, _, h, w = x.shape
     s = max_shift
-    offsets = torch.randint(0, 2 * s + 1, (2, b), generator=generator).to(x.device)
+    offsets = torch.randint(0, 2 * s + 1, (2, b), generator=generator,
+                            device=generator.device).to(x.device)
     padded = F.pad(x, (s, s, s, s), mode="replicate")  # (B, C, H + 2s, W + 2s)
     rows = (offsets[0].view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1)
     cols = (offsets[1].view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w)
