@@ -397,3 +397,26 @@ def test_auto_keeps_directions_when_they_fit_and_not_in_place():
                           keep_directions=True).keeps(params, inplace=True)
     assert not make_estimator("fg-w", model, F.cross_entropy, directions=4,
                               keep_directions=False).keeps(params, inplace=False)
+
+
+@pytest.mark.parametrize("method", ["zo", "zo-sign"])
+def test_zeroth_order_keeps_or_redraws_to_the_same_result(method):
+    """zo draws z three times per direction, or once when keeping it: bit for bit the same
+    estimate and the same restored θ; in place, "auto" redraws (MeZO's memory)."""
+    results = {}
+    for keep in (True, False, "auto"):
+        model, x, y, _ = tiny_problem()
+        est = make_estimator(method, model, F.cross_entropy, seed=2, directions=3,
+                             keep_directions=keep)
+        est.step(x, y)
+        results[keep] = [t.clone() for p in model.parameters() for t in (p.grad, p.detach())]
+        assert est._kept is None  # nothing held after the step
+    for keep in (False, "auto"):
+        for a, b in zip(results[True], results[keep], strict=True):
+            assert torch.equal(a, b)
+    model, *_ = tiny_problem()
+    est = make_estimator(method, model, F.cross_entropy)
+    params = list(model.parameters())
+    assert est.keeps(params, inplace=False) and not est.keeps(params, inplace=True)
+    with pytest.raises(ValueError, match="keep_directions must be True, False or 'auto'"):
+        make_estimator(method, model, F.cross_entropy, keep_directions=None)

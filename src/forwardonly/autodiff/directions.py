@@ -229,9 +229,13 @@ class Rank1:
         dense = self.b.unsqueeze(2) * self.a.unsqueeze(1)  # (K, q, p)
         return dense.reshape(self.b.shape[0], *self.shape)
 
-    def combine(self, coeffs: Tensor) -> Tensor:
-        """``Σ_k coeffs[k] V_k`` as a dense ``shape`` tensor, without forming every V_k."""
-        return ((self.b * coeffs.unsqueeze(1)).T @ self.a).reshape(self.shape)
+    def combine(self, coeffs: Tensor, out: Tensor | None = None) -> Tensor:
+        """``Σ_k coeffs[k] V_k`` as a dense ``shape`` tensor, without forming every V_k;
+        written into ``out`` (contiguous) if given."""
+        b = (self.b * coeffs.unsqueeze(1)).T  # (q, K)
+        if out is not None:
+            return torch.matmul(b, self.a, out=out.view(b.shape[0], -1)).view(self.shape)
+        return (b @ self.a).reshape(self.shape)
 
 
 @dataclass(frozen=True)
@@ -257,11 +261,15 @@ class LowRank:
         dense = torch.matmul(self.b.transpose(1, 2), self.a).mul_(self.scale)  # (K, q, p)
         return dense.reshape(self.b.shape[0], *self.shape)
 
-    def combine(self, coeffs: Tensor) -> Tensor:
-        """``Σ_k coeffs[k] V_k`` as a dense ``shape`` tensor: one ``(q, Kr) @ (Kr, p)``."""
+    def combine(self, coeffs: Tensor, out: Tensor | None = None) -> Tensor:
+        """``Σ_k coeffs[k] V_k`` as a dense ``shape`` tensor: one ``(q, Kr) @ (Kr, p)``;
+        written into ``out`` (contiguous) if given."""
         k, r, q = self.b.shape
         b = (self.b * (coeffs * self.scale).view(k, 1, 1)).reshape(k * r, q)
-        return (b.T @ self.a.reshape(k * r, -1)).reshape(self.shape)
+        a = self.a.reshape(k * r, -1)
+        if out is not None:
+            return torch.matmul(b.T, a, out=out.view(q, -1)).view(self.shape)
+        return (b.T @ a).reshape(self.shape)
 
 
 #: Directions kept as their factors (weight matrices under ``rank1`` and ``lowrank``).
@@ -366,6 +374,9 @@ class DirectionSampler:
             drawn = self.factors(index, like, k) if self.is_factored(like.shape) \
                 else self.dense(index, like, k)
         if isinstance(drawn, (Rank1, LowRank)):
+            if out is not None and out.is_contiguous():
+                drawn.combine(coeffs, out=out)
+                return out
             g = drawn.combine(coeffs)
             return g if out is None else out.copy_(g)
         if out is not None and out.is_contiguous():  # (n, K) @ (K,) -> (n,), no temporary
