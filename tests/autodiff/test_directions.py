@@ -12,7 +12,12 @@ from forwardonly.autodiff import (
     rademacher,
     run_layers,
 )
-from forwardonly.autodiff.directions import LowRank
+from forwardonly.autodiff.directions import (
+    GAUSSIAN_LEVELS,
+    GaussianStream,
+    LowRank,
+    gaussian_levels,
+)
 from forwardonly.autodiff.rules import dense
 from forwardonly.seeding import mix_seed
 
@@ -233,3 +238,105 @@ def test_run_layers_with_lowrank_tangents_equals_dense():
     h_ref, h_dot_ref = run_layers(layers, x, None, lambda p: dense(factored(p)), 3)
     torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
     torch.testing.assert_close(h_dot, h_dot_ref, rtol=1e-12, atol=1e-12)
+
+
+# -- the CPU Gaussian: 2¹⁶ levels indexed by 16 random bits --------------------------------
+
+def test_gaussian_levels_have_exact_moments():
+    """Antisymmetric (mean exactly 0), mean square 1 to rounding, ascending, N(0, 1)'s
+    kurtosis to 2e-4, and the largest level where N(0, 1)'s last 2⁻¹⁶ lies (≈ 4.39)."""
+    levels = gaussian_levels()
+    assert levels.shape == (GAUSSIAN_LEVELS,) and levels.dtype == torch.float64
+    assert torch.equal(levels, -levels.flip(0))
+    assert bool((levels.diff() > 0).all())
+    assert levels.pow(2).mean().item() == pytest.approx(1.0, abs=1e-12)
+    assert levels.pow(4).mean().item() == pytest.approx(3.0, abs=2e-4)
+    assert 4.3 < levels.max().item() < 4.5
+
+
+def test_gaussian_entries_have_the_moments_of_n01():
+    """2²¹ entries: mean 0, variance 1, kurtosis 3, each within 6 standard errors
+    (SE of the mean 1/√n, of the variance √(2/n), of the fourth moment √(96/n) for N(0, 1)),
+    and every entry one of the levels."""
+    n = 1 << 21
+    v = DirectionSampler("gaussian", step_seed=17).dense(3, torch.empty(n), 1)[0].double()
+    se = 6 / n**0.5
+    assert abs(v.mean().item()) < se
+    assert abs(v.pow(2).mean().item() - 1) < se * 2**0.5
+    assert abs(v.pow(4).mean().item() - 3) < se * 96**0.5
+    assert bool(torch.isin(v, gaussian_levels().float().double()).all())
+    # tails: P(|Z| > 3) = 0.0027 for N(0, 1); 6 standard errors of a binomial proportion
+    p3 = (v.abs() > 3).double().mean().item()
+    assert abs(p3 - 0.0026998) < 6 * (0.0027 / n) ** 0.5
+
+
+def correlation(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def test_gaussian_entries_are_uncorrelated_across_neighbours():
+    """No correlation between neighbouring entries (lags 1 to 8: inside a 64-bit word and
+    across words), neighbouring tensor indices, neighbouring steps, or two consecutive draws
+    from one stream: |r| < 6/√n for each (n = 2²⁰)."""
+    n = 1 << 20
+    tol = 6 / n**0.5
+    s = DirectionSampler("gaussian", step_seed=mix_seed(3, 10))
+    like = torch.empty(n)
+    v = s.dense(0, like, 1)[0]
+    for lag in range(1, 9):
+        assert abs(correlation(v[:-lag], v[lag:])) < tol, lag
+        assert abs(correlation(v[:-lag].abs(), v[lag:].abs())) < tol, lag  # not just signs
+    assert abs(correlation(v, s.dense(1, like, 1)[0])) < tol
+    assert abs(correlation(v, DirectionSampler("gaussian", mix_seed(3, 11)).dense(0, like, 1)[0])
+               ) < tol
+    stream = s.generator(5, torch.device("cpu"))
+    first, second = stream.normal((n,)), stream.normal((n,))
+    assert abs(correlation(first, second)) < tol
+
+
+def test_gaussian_stream_is_reproducible_and_chunk_independent():
+    """A stream's entries do not depend on the chunking, nor on how a draw of a multiple of
+    4 entries is split; dtype, ``out`` (also non-contiguous) and shape are honoured."""
+    n = 3 * (1 << 16) + 5  # several chunks and a remainder
+    whole = GaussianStream(42).normal((n,), dtype=torch.float64)
+    assert torch.equal(GaussianStream(42).normal((n,), dtype=torch.float64), whole)
+    stream = GaussianStream(42)
+    f64 = torch.float64
+    parts = [stream.normal((1 << 16,), dtype=f64), stream.normal((8,), dtype=f64),
+             stream.normal((n - (1 << 16) - 8,), dtype=f64)]
+    assert torch.equal(torch.cat(parts), whole)
+    small = GaussianStream(42).normal((3, 4), dtype=torch.float64)  # the small-draw path
+    assert torch.equal(small.flatten(), whole[:12])
+    assert torch.equal(GaussianStream(42).normal((n,)), whole.float())  # table in float32
+    out = torch.empty(7, 6).T  # non-contiguous
+    assert GaussianStream(42).normal((6, 7), out=out) is out
+    assert torch.equal(out, GaussianStream(42).normal((6, 7)))
+    half = GaussianStream(42).normal((1000,), dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half.float(), whole[:1000].bfloat16().float())
+    assert not torch.equal(GaussianStream(43).normal((12,)), whole[:12].float())
+
+
+def test_local_fg_style_draws_share_one_generator():
+    """Two draws from one generator (a layer's weight, then its bias) are reproducible."""
+    s = DirectionSampler("gaussian", step_seed=8)
+    like_w, like_b = torch.empty(2, 30, 20), torch.empty(2, 20)
+    gen = s.generator(4, torch.device("cpu"))
+    w, b = s.draw(gen, (2, 30, 20), like_w), s.draw(gen, (2, 20), like_b)
+    gen = s.generator(4, torch.device("cpu"))
+    assert torch.equal(s.draw(gen, (2, 30, 20), like_w), w)
+    assert torch.equal(s.draw(gen, (2, 20), like_b), b)
+    assert not torch.equal(b, w[:, 0])
+
+
+def test_combine_uses_kept_directions_and_writes_out():
+    for distribution in DISTRIBUTIONS:
+        s = DirectionSampler(distribution, step_seed=2)
+        like = torch.empty(5, 6, dtype=torch.float64)
+        c = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
+        drawn = s.factors(0, like, 3) if s.is_factored(like.shape) else s.dense(0, like, 3)
+        out = torch.empty(5, 6, dtype=torch.float64)
+        assert s.combine(0, like, c, drawn, out=out) is out
+        torch.testing.assert_close(out, s.combine(0, like, c), rtol=1e-14, atol=1e-14)

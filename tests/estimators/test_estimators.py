@@ -145,6 +145,7 @@ def test_every_estimator_lowers_the_loss_on_digits(method):
     ({"distribution": "uniform"}, "distribution must be one of"),
     ({"distribution": "lowrank", "direction_rank": 0}, "direction_rank must be a positive"),
     ({"exact_head": True}, "exact_head needs a model with a linear readout `head`"),
+    ({"keep_directions": "yes"}, "keep_directions must be True, False or 'auto', got 'yes'"),
 ])
 def test_bad_options_are_rejected(bad, match):
     model, *_ = tiny_problem()
@@ -361,3 +362,61 @@ def test_exact_head_is_refused_with_data_parallel_reduction():
         est.reduce = lambda loss, d: (loss, d)
         with pytest.raises(NotImplementedError, match="exact_head does not yet combine"):
             est.step(x, y)
+
+
+# -- keeping the K directions of a step, or drawing them again -----------------------------
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "rank1", "lowrank"])
+def test_kept_and_redrawn_directions_give_the_same_estimate(distribution):
+    """keep_directions changes speed and memory only: the same directions, the same g (up
+    to the rounding of Σ_k c_k v_k), in step() and in the in-place sgd_step()."""
+    results = {}
+    for keep in (True, False, "auto"):
+        model, x, y, _ = tiny_problem()
+        est = make_estimator("fg-w", model, F.cross_entropy, seed=4, directions=3,
+                             distribution=distribution, keep_directions=keep)
+        est.step(x, y)
+        est.step(x, y)  # the second step writes into the existing .grad buffers
+        g = [p.grad.clone() for p in model.parameters()]
+        est.sgd_step(x, y, lr=0.1)
+        results[keep] = g + [p.detach().clone() for p in model.parameters()]
+    for keep in (False, "auto"):
+        for a, b in zip(results[True], results[keep], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_auto_keeps_directions_when_they_fit_and_not_in_place():
+    model, *_ = tiny_problem()
+    params = list(model.parameters())
+    est = make_estimator("fg-w", model, F.cross_entropy, directions=4)
+    assert est.keep_directions == "auto"
+    assert est.keeps(params, inplace=False) and not est.keeps(params, inplace=True)
+    est.KEEP_DIRECTIONS_MIB = 0  # directions larger than the bound are drawn again
+    assert not est.keeps(params, inplace=False)
+    assert make_estimator("fg-w", model, F.cross_entropy, directions=4,
+                          keep_directions=True).keeps(params, inplace=True)
+    assert not make_estimator("fg-w", model, F.cross_entropy, directions=4,
+                              keep_directions=False).keeps(params, inplace=False)
+
+
+@pytest.mark.parametrize("method", ["zo", "zo-sign"])
+def test_zeroth_order_keeps_or_redraws_to_the_same_result(method):
+    """zo draws z three times per direction, or once when keeping it: bit for bit the same
+    estimate and the same restored θ; in place, "auto" redraws (MeZO's memory)."""
+    results = {}
+    for keep in (True, False, "auto"):
+        model, x, y, _ = tiny_problem()
+        est = make_estimator(method, model, F.cross_entropy, seed=2, directions=3,
+                             keep_directions=keep)
+        est.step(x, y)
+        results[keep] = [t.clone() for p in model.parameters() for t in (p.grad, p.detach())]
+        assert est._kept is None  # nothing held after the step
+    for keep in (False, "auto"):
+        for a, b in zip(results[True], results[keep], strict=True):
+            assert torch.equal(a, b)
+    model, *_ = tiny_problem()
+    est = make_estimator(method, model, F.cross_entropy)
+    params = list(model.parameters())
+    assert est.keeps(params, inplace=False) and not est.keeps(params, inplace=True)
+    with pytest.raises(ValueError, match="keep_directions must be True, False or 'auto'"):
+        make_estimator(method, model, F.cross_entropy, keep_directions=None)

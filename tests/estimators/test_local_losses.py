@@ -121,11 +121,12 @@ def test_lg_fg_a_gaussian_and_rademacher_are_both_unbiased(device):
 
 
 def test_fg_a_is_unbiased_for_the_global_loss(device):
-    """Global activity perturbation (one block, so the check stays fast): cos > 0.98."""
+    """Global activity perturbation (one block, so the check stays fast): cos > 0.98 after
+    16,000 directions (at 8,000, 1 − cos is about 0.01 with seed-to-seed swings to 0.03)."""
     model, x, y = setup(5, blocks=1, device=device)
     exact = grads(model, "bp", x, y)
     total = None
-    for s in range(4):
+    for s in range(8):
         g = grads(model, "fg-a", x, y, directions=2000, seed=s)
         total = g if total is None else {n: total[n] + g[n] for n in g}
     for n in ("blocks.0.layers.0.weight", "blocks.0.layers.1.weight", "final_head.weight"):

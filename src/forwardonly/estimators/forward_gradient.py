@@ -13,7 +13,11 @@ number of parameters ``n`` (the curse of dimensionality).
 step moves along ``−sign(d)·v``, a descent direction whenever ``d ≠ 0``, but not unbiased.
 
 Directions are drawn per parameter tensor from ``(seed, step, tensor index)`` when the layer
-runs and drawn again to form ``g``; they are never kept beyond the step. Only parameters with
+runs. At K = 1 a tensor's direction is drawn straight into its ``.grad`` and scaled there. At
+K ≥ 2 the K directions of the step are kept until ``g`` is formed when they fit
+(``keep_directions="auto"``: at most ``KEEP_DIRECTIONS_MIB`` in all, and not in the in-place
+``sgd_step``, whose point is the memory of inference), else drawn again to form ``g`` —
+the same directions either way, so the choice changes speed and memory only. Only parameters with
 ``requires_grad`` get a direction (``--train-params`` freezes the rest): the estimate is
 unbiased for the gradient restricted to that subspace, and frozen parameters get no ``.grad``.
 ``distribution="lowrank"`` draws rank-``direction_rank`` directions for weight matrices.
@@ -28,6 +32,7 @@ and the body's directional derivatives are ``d_k = ∂L/∂h · ḣ_k`` (the cha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -53,7 +58,16 @@ class ForwardGradient(Estimator):
             matrix (a positive integer; accepted and unused by the other distributions).
         exact_head: train ``model.head`` (an ``nn.Linear``) with its exact gradient from
             ``model.features(x)``, and draw directions for the other parameters only.
+        keep_directions: keep the step's directions from the forward pass until ``g`` is
+            formed (``True``), or draw them a second time (``False``: the memory of one
+            layer's directions at a time instead of all of them); ``"auto"`` keeps them in
+            :meth:`step` at K ≥ 2 when they take at most ``KEEP_DIRECTIONS_MIB`` MiB, and
+            redraws in :meth:`sgd_step`. (At K = 1, :meth:`step` draws each direction into
+            ``.grad``: nothing is drawn twice.)
     """
+
+    #: ``keep_directions="auto"`` keeps a step's directions up to this size (MiB).
+    KEEP_DIRECTIONS_MIB = 256
 
     #: Combines this process's ``(loss, d)`` with the other processes' before the estimate is
     #: formed — set by :mod:`forwardonly.distributed` (data parallelism: one all-gather of
@@ -62,10 +76,15 @@ class ForwardGradient(Estimator):
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
                  distribution: str = "gaussian", direction_rank: int = 4,
-                 exact_head: bool = False, seed: int = 0) -> None:
+                 exact_head: bool = False, keep_directions: bool | str = "auto",
+                 seed: int = 0) -> None:
         super().__init__(model, loss_fn, seed=seed)
         if int(directions) < 1:
             raise ValueError(f"directions must be a positive integer, got {directions}")
+        if keep_directions not in (True, False, "auto"):
+            raise ValueError(f"keep_directions must be True, False or 'auto', got "
+                             f"{keep_directions!r}")
+        self.keep_directions = keep_directions
         self.direction_rank = check_rank(direction_rank)
         DirectionSampler(distribution, 0)  # validates the name
         self.directions = int(directions)
@@ -81,6 +100,20 @@ class ForwardGradient(Estimator):
         """The parameters that get directions: the trainable ones, less an exact head's."""
         head = self.exact_head
         return [p for _, p in self.trainable() if head is None or not head.owns(p)]
+
+    def keeps(self, params: list[nn.Parameter], inplace: bool) -> bool:
+        """Whether this step keeps its K directions (see ``keep_directions``)."""
+        if self.keep_directions != "auto":
+            return bool(self.keep_directions)
+        if inplace or self.directions == 1:  # K = 1 in .grad needs no keeping
+            return False
+        rank = self.direction_rank if self.distribution == "lowrank" else 1
+        size = 0  # bytes of the K directions: dense, or the factors of weight matrices
+        for p in params:
+            factored = self.distribution in ("rank1", "lowrank") and p.dim() >= 2
+            n = rank * (p.shape[0] + math.prod(p.shape[1:])) if factored else p.numel()
+            size += self.directions * n * p.element_size()
+        return size <= self.KEEP_DIRECTIONS_MIB * 2**20
 
     def coefficients(self, d: Tensor) -> Tensor:
         """Weights of the K directions in the estimate: ``d_k / K``."""
@@ -99,17 +132,23 @@ class ForwardGradient(Estimator):
         params = self.perturbed()
         index = {id(p): i for i, p in enumerate(params)}
         in_grad: set[int] = set()  # tensors whose (single) direction was drawn into .grad
+        kept: dict[int, Tensor | Factored] = {}  # the K directions, when the step keeps them
+        keep = self.keeps(params, inplace=lr is not None)
 
         def tangent(p: nn.Parameter) -> Tensor | Factored:
             i = index[id(p)]
             if sampler.is_factored(p.shape):
-                return sampler.factors(i, p, k)
-            if k == 1 and lr is None:  # draw straight into .grad: no second buffer, no redraw
-                if p.grad is None or p.grad.shape != p.shape:
-                    p.grad = torch.empty_like(p)
+                v: Tensor | Factored = sampler.factors(i, p, k)
+            elif k == 1 and lr is None:  # straight into .grad: no second buffer, no redraw
+                if p.grad is None or p.grad.shape != p.shape or not p.grad.is_contiguous():
+                    p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
                 in_grad.add(i)
                 return sampler.dense(i, p, 1, out=p.grad.unsqueeze(0))
-            return sampler.dense(i, p, k)
+            else:
+                v = sampler.dense(i, p, k)
+            if keep:
+                kept[i] = v
+            return v
 
         if self.exact_head is None:
             loss, d = directional_derivatives(self.model, self.loss_fn, inputs, targets,
@@ -125,13 +164,16 @@ class ForwardGradient(Estimator):
         coeffs = self.coefficients(d)
         with torch.no_grad():
             for i, p in enumerate(params):
+                drawn = kept.pop(i, None)
                 if lr is not None:
                     p.grad = None
-                    p.add_(sampler.combine(i, p, coeffs), alpha=-lr)
+                    p.add_(sampler.combine(i, p, coeffs, drawn), alpha=-lr)
                 elif i in in_grad:
                     p.grad.mul_(coeffs[0])
+                elif p.grad is not None and p.grad.shape == p.shape:
+                    sampler.combine(i, p, coeffs, drawn, out=p.grad)
                 else:
-                    set_grad(p, sampler.combine(i, p, coeffs))
+                    set_grad(p, sampler.combine(i, p, coeffs, drawn))
         return {"loss": loss.item(), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
     def _head_step(self, inputs: Tensor, targets: Tensor, body: list[nn.Parameter],
@@ -191,6 +233,20 @@ def features_jvp(model: nn.Module, features: Callable[[Tensor], Tensor],
 @register("fg-sign")
 class ForwardGradientSign(ForwardGradient):
     """The essay's naive forward gradient: ``g = (1/K) Σ_k sign(∇L·v_k) v_k``."""
+
+    def keeps(self, params: list[nn.Parameter], inplace: bool) -> bool:
+        """Whether this step keeps its K directions (see ``keep_directions``)."""
+        if self.keep_directions != "auto":
+            return bool(self.keep_directions)
+        if inplace or self.directions == 1:  # K = 1 in .grad needs no keeping
+            return False
+        rank = self.direction_rank if self.distribution == "lowrank" else 1
+        size = 0  # bytes of the K directions: dense, or the factors of weight matrices
+        for p in params:
+            factored = self.distribution in ("rank1", "lowrank") and p.dim() >= 2
+            n = rank * (p.shape[0] + math.prod(p.shape[1:])) if factored else p.numel()
+            size += self.directions * n * p.element_size()
+        return size <= self.KEEP_DIRECTIONS_MIB * 2**20
 
     def coefficients(self, d: Tensor) -> Tensor:
         return torch.sign(d) / self.directions

@@ -10,6 +10,12 @@ needs no copy of the parameters: the memory of inference plus one tensor's direc
 restore is exact up to float rounding (about one ulp of θ per step), and bit for bit when
 every ``θ ± εz`` is representable (e.g. ±1 entries, ε a power of two, θ on a coarser grid).
 
+Each step draws the direction ``z`` three times (for ``+εz``, ``−2εz``, and the restore that
+also adds ``c·z`` to the estimate): in place that is the point, no copy of ``z`` is held. When
+the estimate goes into ``.grad`` (``step``), ``keep_directions="auto"`` keeps the current
+direction's tensors between the three uses when they take at most ``KEEP_DIRECTIONS_MIB``
+(one draw instead of three, at the memory of one more copy of the perturbed parameters).
+
 Only parameters with ``requires_grad`` are perturbed (``--train-params`` freezes the rest):
 the estimate is that of the gradient restricted to them. ``distribution="lowrank"`` perturbs
 weight matrices along rank-``direction_rank`` directions (materialized one tensor at a time).
@@ -57,7 +63,14 @@ class ZerothOrder(Estimator):
         exact_head: train ``model.head`` (an ``nn.Linear``) with its exact gradient from
             ``model.features(x)`` at θ, and perturb the other parameters only.
         epsilon: the perturbation size ε.
+        keep_directions: keep the current direction's tensors between its three uses
+            (``True``), or draw them each time (``False``, MeZO's memory); ``"auto"`` keeps
+            them in :meth:`step` when they take at most ``KEEP_DIRECTIONS_MIB`` MiB and
+            redraws in the in-place :meth:`sgd_step`.
     """
+
+    #: ``keep_directions="auto"`` keeps a direction up to this size (MiB).
+    KEEP_DIRECTIONS_MIB = 256
 
     #: Combines this process's ``(loss, raw)`` — the mean loss and the K raw directional
     #: numbers of :meth:`directional` — with the other processes' before the estimate is
@@ -70,10 +83,17 @@ class ZerothOrder(Estimator):
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
                  distribution: str = "gaussian", direction_rank: int = 4,
-                 exact_head: bool = False, epsilon: float = 1e-3, seed: int = 0) -> None:
+                 exact_head: bool = False, epsilon: float = 1e-3,
+                 keep_directions: bool | str = "auto", seed: int = 0) -> None:
         super().__init__(model, loss_fn, seed=seed)
         if int(directions) < 1:
             raise ValueError(f"directions must be a positive integer, got {directions}")
+        if keep_directions not in (True, False, "auto"):
+            raise ValueError(f"keep_directions must be True, False or 'auto', got "
+                             f"{keep_directions!r}")
+        self.keep_directions = keep_directions
+        # the current direction's tensors, when kept: (its sampler, {tensor index: z})
+        self._kept: tuple[DirectionSampler, dict[int, Tensor]] | None = None
         if not (math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
         self.direction_rank = check_rank(direction_rank)
@@ -94,6 +114,24 @@ class ZerothOrder(Estimator):
         head = self.exact_head
         return [p for _, p in self.trainable() if head is None or not head.owns(p)]
 
+    def keeps(self, params: list[nn.Parameter], inplace: bool) -> bool:
+        """Whether a direction's tensors are kept between its uses (``keep_directions``)."""
+        if self.keep_directions != "auto":
+            return bool(self.keep_directions)
+        size = sum(p.numel() * p.element_size() for p in params)
+        return not inplace and size <= self.KEEP_DIRECTIONS_MIB * 2**20
+
+    def _direction(self, sampler: DirectionSampler, i: int, p: Tensor) -> Tensor:
+        """Tensor ``i``'s ``z`` under ``sampler``: kept from its first draw, or drawn."""
+        if self._kept is None:
+            return sampler.dense(i, p, 1)[0]  # one tensor's direction at a time
+        if self._kept[0] is not sampler:  # a new direction: drop the previous one's
+            self._kept = (sampler, {})
+        kept = self._kept[1]
+        if i not in kept:
+            kept[i] = sampler.dense(i, p, 1)[0]
+        return kept[i]
+
     @torch.no_grad()
     def _perturb(self, sampler: DirectionSampler, scale: float, grad_coeff: float | None = None
                  ) -> None:
@@ -102,7 +140,7 @@ class ZerothOrder(Estimator):
         if grad_coeff is not None and self._inplace_lr is not None:
             scale, grad_coeff = scale - self._inplace_lr * grad_coeff, None
         for i, p in enumerate(self.perturbed()):
-            z = sampler.dense(i, p, 1)[0]  # one tensor's direction at a time
+            z = self._direction(sampler, i, p)
             if scale != 0.0:
                 p.add_(z, alpha=scale)
             if grad_coeff is not None:
@@ -147,9 +185,12 @@ class ZerothOrder(Estimator):
 
     def estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
         rng = torch.get_rng_state()
+        if self.keeps(self.perturbed(), inplace=self._inplace_lr is not None):
+            self._kept = (DirectionSampler(self.distribution, 0), {})
         try:
             return self._estimate(inputs, targets)
         finally:
+            self._kept = None
             torch.set_rng_state(rng)
 
     def estimate_inplace(self, inputs: Tensor, targets: Tensor, lr: float) -> dict[str, float]:
