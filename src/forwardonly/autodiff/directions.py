@@ -194,8 +194,8 @@ class GaussianStream:
         n = math.prod(shape)
         bits = self._bits((n + 3) // 4)
         if n <= _SMALL and dtype in _NUMPY_DTYPES:  # few entries: numpy's lookup, less overhead
-            table = _level_table(torch.device("cpu"), dtype).numpy()
-            small = torch.from_numpy(table[bits.random_raw((n + 3) // 4).view(np.uint16)[:n]])
+            levels = _level_table(torch.device("cpu"), dtype).numpy()
+            small = torch.from_numpy(levels[bits.random_raw((n + 3) // 4).view(np.uint16)[:n]])
             return small.view(shape) if out is None else out.copy_(small.view(shape))
         if out is None:
             out = torch.empty(shape, dtype=dtype)
@@ -335,6 +335,7 @@ class DirectionSampler:
     def _signs(self, index: int, like: Tensor, k: int, r: int) -> tuple[Tensor, Tensor]:
         """``(b, a)``: ``(k, r, q)`` and ``(k, r, p)`` signs from the generator of ``index``."""
         gen = self.generator(index, like.device)
+        assert isinstance(gen, torch.Generator)  # factored draws are never Gaussian streams
         q, p = like.shape[0], like[0].numel()
         ab = rademacher(k * r * (p + q), gen, dtype=like.dtype, device=like.device)
         ab = ab.view(k, r, p + q)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +114,8 @@ def relu_tangent(t: Tensor, out: Tensor, *, inplace: bool = False) -> Tensor:
             torch.ops.aten.threshold_backward.grad_input(tk, out, 0.0, grad_input=tk)
         return t
     if t.shape[0] == 1:
-        return torch.ops.aten.threshold_backward(t[0], out, 0.0).unsqueeze(0)
+        one: Tensor = torch.ops.aten.threshold_backward(t[0], out, 0.0)
+        return one.unsqueeze(0)
     return torch.stack([torch.ops.aten.threshold_backward(tk, out, 0.0) for tk in t])
 
 
@@ -128,24 +129,27 @@ def activation_jvp(act: nn.Module, h: Tensor, h_dot: Tensor | None, *, inplace: 
         return out, None if h_dot is None else relu_tangent(h_dot, out, inplace=inplace)
     if h_dot is None:
         return act(h), None
-    out, slope = jvp(act, (h,), (torch.ones_like(h),))
+    out, slope = jvp(act, (h,), (torch.ones_like(h),))[:2]
     return out, h_dot.mul_(slope) if inplace else h_dot * slope
 
 
 # Rules as the table calls them: (layer, h, ḣ, tangent, K) -> (y, ẏ). The walk owns ḣ.
 
-def _linear(layer: nn.Linear, h: Tensor, h_dot: Tensor | None, tangent: TangentFn, k: int):
-    w, b = layer.weight, layer.bias
-    w_dot = tangent(w) if w.requires_grad else None
+def _linear(layer: nn.Linear, h: Tensor, h_dot: Tensor | None, tangent: TangentFn, k: int
+            ) -> tuple[Tensor, Tensor | None]:
+    w, b = layer.weight, layer.bias  # nn.Parameters (the weight is typed Tensor by torch)
+    w_dot = tangent(cast(nn.Parameter, w)) if w.requires_grad else None
     b_dot = dense(tangent(b)) if b is not None and b.requires_grad else None
     return linear_jvp(h, h_dot, w, b, w_dot, b_dot)
 
 
-def _activation(layer: nn.Module, h: Tensor, h_dot: Tensor | None, tangent: TangentFn, k: int):
+def _activation(layer: nn.Module, h: Tensor, h_dot: Tensor | None, tangent: TangentFn, k: int
+                ) -> tuple[Tensor, Tensor | None]:
     return activation_jvp(layer, h, h_dot, inplace=True)
 
 
-def _flatten(layer: nn.Flatten, h: Tensor, h_dot: Tensor | None, tangent: TangentFn, k: int):
+def _flatten(layer: nn.Flatten, h: Tensor, h_dot: Tensor | None, tangent: TangentFn, k: int
+             ) -> tuple[Tensor, Tensor | None]:
     out = layer(h)
     return out, (None if h_dot is None else h_dot.reshape(k, *out.shape))
 
@@ -155,7 +159,8 @@ def _generic_layer(layer: nn.Module, h: Tensor, h_dot: Tensor | None, tangent: T
     trainable = {n: p for n, p in layer.named_parameters() if p.requires_grad}
     if not trainable and h_dot is None:
         return layer(h), None
-    frozen = {n: p for n, p in layer.named_parameters() if not p.requires_grad}
+    frozen: dict[str, Tensor] = {n: p for n, p in layer.named_parameters()
+                                 if not p.requires_grad}
     frozen.update(dict(layer.named_buffers()))
     primals = {n: p.detach() for n, p in trainable.items()}
     tangents = {n: dense(tangent(p)) for n, p in trainable.items()}
@@ -163,7 +168,8 @@ def _generic_layer(layer: nn.Module, h: Tensor, h_dot: Tensor | None, tangent: T
         h_dot = torch.zeros(k, *h.shape, dtype=h.dtype, device=h.device)
 
     def f(params: dict[str, Tensor], inp: Tensor) -> Tensor:
-        return functional_call(layer, {**frozen, **params}, (inp,))
+        out: Tensor = functional_call(layer, {**frozen, **params}, (inp,))
+        return out
 
     return batched_jvp(f, (primals, h), (tangents, h_dot), k, multi=True)
 
@@ -227,11 +233,12 @@ def batched_jvp(f: Callable[..., Tensor], primals: Any, tangents: Any, k: int,
     tangents_t = tangents if multi else (tangents,)
     if k == 1:
         first = torch.utils._pytree.tree_map(lambda t: t[0], tangents_t)
-        out, out_dot = jvp(f, primals_t, first)
+        out, out_dot = jvp(f, primals_t, first)[:2]
         return out, out_dot.unsqueeze(0)
+    out_dims: Any = (None, 0)  # (primal: shared, tangent: batched); torch's stub says int
     out, out_dot = vmap(
-        lambda *t: jvp(f, primals_t, t), in_dims=tuple(0 for _ in tangents_t),
-        out_dims=(None, 0), randomness="same",
+        lambda *t: jvp(f, primals_t, t)[:2], in_dims=tuple(0 for _ in tangents_t),
+        out_dims=out_dims, randomness="same",
     )(*tangents_t)
     return out, out_dot
 

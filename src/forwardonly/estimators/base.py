@@ -126,7 +126,8 @@ class Estimator:
     @torch.no_grad()
     def predict(self, inputs: Tensor) -> Tensor:
         """Scores ``(B, classes)`` used for evaluation; plain ``model(inputs)`` by default."""
-        return self.model(inputs)
+        scores: Tensor = self.model(inputs)
+        return scores
 
     def state_dict(self) -> dict[str, int]:
         """What a checkpoint must keep so a resumed run draws the same directions."""

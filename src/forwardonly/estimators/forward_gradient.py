@@ -169,6 +169,7 @@ class ForwardGradient(Estimator):
                     p.grad = None
                     p.add_(sampler.combine(i, p, coeffs, drawn), alpha=-lr)
                 elif i in in_grad:
+                    assert p.grad is not None  # the direction was drawn into it
                     p.grad.mul_(coeffs[0])
                 elif p.grad is not None and p.grad.shape == p.shape:
                     sampler.combine(i, p, coeffs, drawn, out=p.grad)
@@ -221,7 +222,8 @@ def features_jvp(model: nn.Module, features: Callable[[Tensor], Tensor],
         wrapper = _Call(model, features)
 
         def f(params: dict[str, Tensor]) -> Tensor:
-            return functional_call(wrapper, {**fixed, **params}, (inputs,))
+            out: Tensor = functional_call(wrapper, {**fixed, **params}, (inputs,))
+            return out
 
         try:
             return batched_jvp(f, primals, tangents, k)

@@ -144,6 +144,7 @@ class ZerothOrder(Estimator):
             if scale != 0.0:
                 p.add_(z, alpha=scale)
             if grad_coeff is not None:
+                assert p.grad is not None  # zeroed for this step by the caller
                 p.grad.add_(z, alpha=grad_coeff)
 
     @torch.no_grad()
@@ -262,7 +263,8 @@ class ZerothOrderSign(ZerothOrder):
 
     uses_base_loss = True
 
-    def directional(self, sampler, inputs, targets):
+    def directional(self, sampler: DirectionSampler, inputs: Tensor, targets: Tensor
+                    ) -> tuple[float, float]:
         assert self._base is not None
         self._perturb(sampler, +self.epsilon)
         return self._base, self._loss(inputs, targets) - self._base
