@@ -7,9 +7,9 @@ import torch
 
 from forwardonly.config import ConfigError, TrainConfig, from_dict
 
-fit_module = importlib.import_module("forwardonly.train.fit")  # the module, not fit()
-AUTO_THREADS_MIN_WORK = fit_module.AUTO_THREADS_MIN_WORK
-auto_threads, set_threads = fit_module.auto_threads, fit_module.set_threads
+threads_module = importlib.import_module("forwardonly.train.threads")
+AUTO_THREADS_MIN_WORK = threads_module.AUTO_THREADS_MIN_WORK
+auto_threads, set_threads = threads_module.auto_threads, threads_module.set_threads
 
 
 def test_threads_accepts_auto_counts_and_null():
@@ -34,18 +34,18 @@ def test_bad_threads_are_clear_errors(bad, match):
 
 def test_auto_threads_is_one_for_small_steps_or_busy_cores(monkeypatch):
     assert auto_threads(AUTO_THREADS_MIN_WORK - 1) == 1
-    monkeypatch.setattr(fit_module, "TORCH_THREADS", 8)
-    monkeypatch.setattr(fit_module.os, "sched_getaffinity", lambda pid: set(range(8)),
+    monkeypatch.setattr(threads_module, "TORCH_THREADS", 8)
+    monkeypatch.setattr(threads_module.os, "sched_getaffinity", lambda pid: set(range(8)),
                         raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(fit_module.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    monkeypatch.setattr(threads_module.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
     assert auto_threads(AUTO_THREADS_MIN_WORK) == 8  # idle machine, large step
     assert auto_threads() == 8
-    monkeypatch.setattr(fit_module.os, "getloadavg", lambda: (5.4, 0.0, 0.0))
+    monkeypatch.setattr(threads_module.os, "getloadavg", lambda: (5.4, 0.0, 0.0))
     assert auto_threads(AUTO_THREADS_MIN_WORK) == 3  # the cores the load leaves idle
-    monkeypatch.setattr(fit_module.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr(threads_module.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
     assert auto_threads(AUTO_THREADS_MIN_WORK) == 1  # every core busy: never fewer than 1
-    monkeypatch.setattr(fit_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(threads_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert auto_threads(AUTO_THREADS_MIN_WORK) == 2  # shared among 4 processes
 
