@@ -63,7 +63,12 @@ METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
                      "train_params": LAST, "optimizer": "adam"}, [1e-4, 1e-3]),
     "fg-w subspace": ({"method": "fg-w", "distribution": "lowrank", "exact_head": True,
                        "train_params": LAST, "optimizer": "adam"}, [1e-4, 1e-3]),
+    # memory and speed only by default: does a low-rank direction shrink fg-w's tangents?
+    "fg-w lowrank": ({"method": "fg-w", "distribution": "lowrank", "optimizer": "sgd-inplace"},
+                     [1e-5, 1e-4]),
 }
+ACCURACY_METHODS = ["probe", "bp", "zo", "zo exact-head", "fg-w", "zo subspace",
+                    "fg-w subspace"]
 FORWARD_ONLY = ["zo", "zo exact-head", "fg-w", "zo subspace", "fg-w subspace"]
 
 
@@ -326,7 +331,7 @@ def train_to(label: str, lr: float, epochs: int, per_class: int | None,
 
 
 def accuracy(args: argparse.Namespace, res: Results) -> None:
-    labels = args.methods or list(METHODS)
+    labels = args.methods or ACCURACY_METHODS
     sizes = [None if k == 0 else k for k in args.per_class]
     for per_class in sizes:
         for label in labels:
