@@ -60,9 +60,9 @@ METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
                        "head_lr_scale": 1000.0}, [1e-5, 1e-4]),
     "fg-w": ({"method": "fg-w", "optimizer": "sgd-inplace"}, [1e-5, 1e-4]),
     "zo subspace": ({"method": "zo", "distribution": "lowrank", "exact_head": True,
-                     "train_params": LAST, "optimizer": "adam"}, [1e-4, 1e-3]),
+                     "train_params": LAST, "optimizer": "adam"}, [1e-4, 1e-3, 3e-3]),
     "fg-w subspace": ({"method": "fg-w", "distribution": "lowrank", "exact_head": True,
-                       "train_params": LAST, "optimizer": "adam"}, [1e-4, 1e-3]),
+                       "train_params": LAST, "optimizer": "adam"}, [1e-4, 1e-3, 3e-3]),
     # memory and speed only by default: does a low-rank direction shrink fg-w's tangents?
     "fg-w lowrank": ({"method": "fg-w", "distribution": "lowrank", "optimizer": "sgd-inplace"},
                      [1e-5, 1e-4]),
@@ -187,32 +187,43 @@ def memory(args: argparse.Namespace, res: Results) -> list[dict[str, Any]]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "src"),
                                                         env.get("PYTHONPATH")) if p)
-        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            raise RuntimeError(f"memory measurement of {label} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        runs = []
+        for _ in range(args.repeats):  # fresh processes; the median of each figure
+            out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                raise RuntimeError(f"memory measurement of {label} failed:\n"
+                                   f"{out.stderr[-3000:]}")
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = {k: statistics.median(q[k] for q in runs) for k in ("imports_mib", "ready_mib")}
+        r["peak_mib"] = statistics.median(q["peak_mib"] for q in runs)
+        r["step_mib"] = statistics.median(q["peak_mib"] - q["ready_mib"] for q in runs)
+        r["peak_reset"] = all(q["peak_reset"] for q in runs)
+        spread = [round(q["peak_mib"], 1) for q in runs]
         rows.append({"method": label, "options": "" if label == "inference" else describe(label),
                      "batch": args.batch, "length": args.length,
                      "imports_mib": round(r["imports_mib"], 1),
                      "ready_mib": round(r["ready_mib"], 1),
                      "peak_mib": round(r["peak_mib"], 1),
-                     "step_mib": round(r["peak_mib"] - r["ready_mib"], 1),
-                     "peak_reset": r["peak_reset"]})
+                     "step_mib": round(r["step_mib"], 1),
+                     "peak_reset": r["peak_reset"], "repeats": args.repeats,
+                     "peak_min": min(spread), "peak_max": max(spread)})
         print(rows[-1], flush=True)
     inf = rows[0]
     for r in rows:
         r["peak_ratio"] = round(r["peak_mib"] / inf["peak_mib"], 3)
         r["step_ratio"] = round(r["step_mib"] / inf["step_mib"], 2) if inf["step_mib"] > 0 else ""
-    table = [[r["method"], r["imports_mib"], r["ready_mib"], r["peak_mib"],
+    table = [[r["method"], r["imports_mib"], r["ready_mib"],
+              f"{r['peak_mib']} ({r['peak_min']}–{r['peak_max']})",
               f"{r['peak_ratio']}×", r["step_mib"], f"{r['step_ratio']}×"] for r in rows]
     text = (f"`--model {args.model}`, batch {args.batch} × {args.length} tokens, one thread, "
-            "glibc's default malloc, a fresh process per method: imports (torch, transformers, "
+            f"glibc's default malloc, {args.repeats} fresh processes per method (medians; "
+            "the peak's range over them in brackets), each: imports (torch, transformers, "
             "forwardonly), then the model with its estimator and optimizer (*ready*), then two "
             "training steps. *peak* is the total resident set (what the operating system "
             "sees); *step* is the peak above *ready* (the step's working memory plus what it "
             "allocates for good: gradients, optimizer moments). Issue 12's target: zo and fg-w "
             "in place (`--optimizer sgd-inplace`) ≤ 1.1× inference's peak.\n\n"
-            + md_table(["method", "after imports MiB", "ready MiB", "peak MiB",
+            + md_table(["method", "after imports MiB", "ready MiB", "peak MiB (range)",
                         "peak × inference", "step MiB", "step × inference"], table)
             + "\n\n" + memory_verdict(rows) + "\n\nOptions per method: "
             + "; ".join(f"*{r['method']}*: `{r['options']}`" for r in rows[1:]) + ".")
@@ -476,6 +487,8 @@ def arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=64,
                    help="tokens per example in the memory and speed sections")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="memory: fresh processes per method (the median is reported)")
     p.add_argument("--rounds", type=int, default=5, help="speed: rounds")
     p.add_argument("--steps", type=int, default=2, help="speed: steps per method per round")
     p.add_argument("--per-class", type=int, nargs="+", default=[512],
@@ -497,7 +510,7 @@ def arguments(name: str, p: argparse.ArgumentParser) -> None:
 
 def run(name: str, args: argparse.Namespace, res: Results) -> None:
     if args.smoke:
-        args.batch, args.length, args.rounds, args.steps = 2, 8, 1, 1
+        args.batch, args.length, args.rounds, args.steps, args.repeats = 2, 8, 1, 1, 1
         args.per_class, args.sweep_epochs, args.epochs = [2], 1, 1
         args.lrs = args.lrs or [1e-5]
     sections = args.section or ["memory", "speed", "accuracy"]
