@@ -56,6 +56,10 @@ BENCHMARKS: dict[str, Benchmark] = {
     "ff-readout": Benchmark(
         "benchmarks.ff_readout", "refit the linear readout of a finished FF run on its frozen "
         "features", False),
+    "finetune-sst2": Benchmark(
+        "benchmarks.finetune_sst2", "MiniLM fine-tuned on SST-2: memory, step time and "
+        "accuracy of bp, linear probe, zo (MeZO), fg-w and subspace variants (--section; "
+        "accuracy: library loop, hours)", False),
     "distributed": Benchmark(
         "benchmarks.distributed", "bytes per step and step time of data-parallel and "
         "stage-sharded training (real torchrun groups)", False),
