@@ -68,8 +68,10 @@ class TrainConfig:
     model_path: str | None = _f(None, "Model hf: the directory of a Hugging Face encoder "
                                 "(config, weights and tokenizer files), read with no network.")
     train_params: list[str] = _f([], "Train only the parameters whose names match one of these "
-                                 "patterns (fnmatch globs, e.g. 'encoder.layer.5.*' 'head.*'); "
-                                 "the others stay frozen. Unset: every parameter.")
+                                 "patterns (fnmatch globs, e.g. 'head.*' "
+                                 "'encoder.encoder.layer.5.*': MiniLM's head and last layer); "
+                                 "the others stay frozen. A pattern that matches nothing is an "
+                                 "error that lists the names. Unset: every parameter.")
     # method
     method: str = _f("fg-w", "How gradients are obtained: bp (backprop), fg-w (forward "
                      "gradient, weight perturbation), fg-sign, zo (zeroth order / MeZO), "
