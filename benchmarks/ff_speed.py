@@ -1,6 +1,6 @@
 """Forward-Forward step time against a plain-PyTorch FF step, interleaved in one process.
 
-The network of the issue's yardstick: 784-1000-1000-1000, batch 100, supervised FF with
+The network of the published yardstick: 784-1000-1000-1000, batch 100, supervised FF with
 random wrong-label negatives (both sides do the same work: a positive and a negative pass per
 layer, no softmax head, no peer normalization). Two ways of doing one training step, each
 with its own copy of the same weights and Adam:
@@ -166,7 +166,7 @@ def run(name: str, args: argparse.Namespace, res: Results) -> None:
             f"FF step (per-layer `loss.backward()` and Adam, the reference recipe) on copies of "
             f"the same weights, interleaved: {args.steps} steps of each per round, "
             f"{args.rounds} rounds; median ms per step; *plain / ours* is the median of the "
-            f"per-round ratios (range in brackets). Issue 14's target: ≥ 2× at equal precision "
+            f"per-round ratios (range in brackets). Target: ≥ 2× at equal precision "
             f"and batch. Epoch seconds are the step time × {60000 // B} steps (training only, "
             "no data loading, no evaluation).\n\n"
             + md_table(["threads", "precision", "method", "ms / step", "s / epoch at this rate",

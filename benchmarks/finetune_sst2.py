@@ -1,4 +1,4 @@
-"""Forward-only fine-tuning of a pretrained transformer: all-MiniLM-L6-v2 on SST-2 (issue 12).
+"""Forward-only fine-tuning of a pretrained transformer: all-MiniLM-L6-v2 on SST-2.
 
 ``python -m benchmarks finetune-sst2 --section memory|speed|accuracy`` (no ``--section``: all
 three). Every method is one entry of :data:`METHODS`, a set of ``forwardonly train`` options, so
@@ -221,7 +221,7 @@ def memory(args: argparse.Namespace, res: Results) -> list[dict[str, Any]]:
             "forwardonly), then the model with its estimator and optimizer (*ready*), then two "
             "training steps. *peak* is the total resident set (what the operating system "
             "sees); *step* is the peak above *ready* (the step's working memory plus what it "
-            "allocates for good: gradients, optimizer moments). Issue 12's target: zo and fg-w "
+            "allocates for good: gradients, optimizer moments). Target: zo and fg-w "
             "in place (`--optimizer sgd-inplace`) ≤ 1.1× inference's peak.\n\n"
             + md_table(["method", "after imports MiB", "ready MiB", "peak MiB (range)",
                         "peak × inference", "step MiB", "step × inference"], table)
@@ -452,7 +452,7 @@ def accuracy_verdict(final: list[dict[str, Any]]) -> str:
 
 
 def combine(res: Results) -> None:
-    """``finetune_sst2.csv``: every section's rows in the issue's columns."""
+    """``finetune_sst2.csv``: every section's rows in one set of columns."""
     mem = {r["method"]: r for r in read_csv(res.dir / "memory.csv")}
     inf = mem.get("inference")
     rows = []
