@@ -42,8 +42,10 @@ def test_compile_gives_the_same_loss_trajectory(method, device):
     t0 = time.perf_counter()
     try:
         compiled = _losses(method, device, compile=True)
-    except Exception as exc:  # no C++ compiler for inductor, etc.
-        pytest.skip(f"torch.compile is unavailable here: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # only a machine without inductor's C++ compiler may skip
+        if "InvalidCxxCompiler" not in type(exc).__name__ and "C++ compiler" not in str(exc):
+            raise
+        pytest.skip(f"torch.compile needs a C++ compiler here: {str(exc)[:200]}")
     assert time.perf_counter() - t0 < 300
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
 

@@ -43,6 +43,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -214,6 +215,13 @@ class GaussianStream:
 #: What :meth:`DirectionSampler.generator` returns: a Gaussian stream on the CPU, else a
 #: ``torch.Generator``.
 Stream = torch.Generator | GaussianStream
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _eager(fn: _Fn) -> _Fn:
+    """``fn`` runs eagerly inside a ``torch.compile``'d step (a graph break): seeds are integer
+    hashes and Gaussian entries come from numpy's bit stream, neither of which may be traced."""
+    return cast(_Fn, torch.compiler.disable(fn))
 
 
 @dataclass(frozen=True)
@@ -300,6 +308,7 @@ class DirectionSampler:
         self.step_seed = step_seed
         self.rank = check_rank(rank)
 
+    @_eager
     def generator(self, index: int, device: torch.device) -> Stream:
         """The generator of tensor (or layer) ``index``, seeded ``mix_seed(step_seed, index)``:
         a :class:`GaussianStream` for Gaussian entries on the CPU, else a ``torch.Generator``
@@ -312,6 +321,7 @@ class DirectionSampler:
         gen.manual_seed(seed)
         return gen
 
+    @_eager
     def draw(self, gen: Stream, shape: tuple[int, ...], like: Tensor,
              out: Tensor | None = None) -> Tensor:
         """Dense ``shape`` entries from ``gen`` (Gaussian, or ±1 for the other three), with
