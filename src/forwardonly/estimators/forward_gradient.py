@@ -236,19 +236,5 @@ def features_jvp(model: nn.Module, features: Callable[[Tensor], Tensor],
 class ForwardGradientSign(ForwardGradient):
     """The essay's naive forward gradient: ``g = (1/K) Σ_k sign(∇L·v_k) v_k``."""
 
-    def keeps(self, params: list[nn.Parameter], inplace: bool) -> bool:
-        """Whether this step keeps its K directions (see ``keep_directions``)."""
-        if self.keep_directions != "auto":
-            return bool(self.keep_directions)
-        if inplace or self.directions == 1:  # K = 1 in .grad needs no keeping
-            return False
-        rank = self.direction_rank if self.distribution == "lowrank" else 1
-        size = 0  # bytes of the K directions: dense, or the factors of weight matrices
-        for p in params:
-            factored = self.distribution in ("rank1", "lowrank") and p.dim() >= 2
-            n = rank * (p.shape[0] + math.prod(p.shape[1:])) if factored else p.numel()
-            size += self.directions * n * p.element_size()
-        return size <= self.KEEP_DIRECTIONS_MIB * 2**20
-
     def coefficients(self, d: Tensor) -> Tensor:
         return torch.sign(d) / self.directions
