@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -125,7 +125,7 @@ class DataParallelWorker(RankWorker):
                  ) -> dict[str, float]:
         """``Σ_r (n_r/N)`` of ``params``' gradients and of ``stats``, in one all-reduce."""
         keys = sorted(stats)
-        grads = [_filled_grad(p) for p in params]
+        grads = cast(list[Tensor], [p.grad for p in params])  # every one filled by the step
         dtype = grads[0].dtype if grads else torch.float64
         flat = torch.cat([g.reshape(-1) for g in grads]
                          + [torch.tensor([stats[k] for k in keys], dtype=dtype,
@@ -171,12 +171,6 @@ class DataParallelWorker(RankWorker):
 
     def load_optimizer_state(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         opt.load_state_dict(state)
-
-
-def _filled_grad(p: Tensor) -> Tensor:
-    """``p.grad``, which the estimator's step has filled (every trainable parameter's)."""
-    assert p.grad is not None, "the estimator left a trainable parameter without a gradient"
-    return p.grad
 
 
 def _weighted_all_reduce(worker, bucket):  # (DataParallelWorker, dist.GradBucket) -> Future

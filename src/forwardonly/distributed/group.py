@@ -1,16 +1,13 @@
 """One rank's process group, joined from torchrun's environment (``env://``).
 
 ``gloo`` on CPU, ``nccl`` on CUDA (rank on ``cuda:LOCAL_RANK``); every collective, send and
-receive times out after ``dist_timeout`` seconds. Faults are torch's to handle: torchrun's
-agent ends the group when a rank exits and names it (restarting it under ``--max-restarts``);
-a hung or stopped rank makes the others' collectives time out (gloo raises; nccl's watchdog
-aborts the process). What gloo does not say is *which* rank it was ("Timed out waiting
-60000ms", a peer's port), so when one of our calls fails, each rank checks in under a key in
-the rendezvous store and names the ranks that did not (or that left their error there) in a
-:class:`RankFailure`. (``dist.monitored_barrier`` names a missing rank on rank 0 only, and
-fails without a name once a rank's connections are closed; the store reaches every rank.)
+receive times out after ``dist_timeout`` seconds. Faults are torch's: torchrun's agent ends the
+group when a rank exits and names it (restarting it under ``--max-restarts``); a hung or
+stopped rank makes the others' collectives time out (gloo raises; nccl's watchdog aborts). As
+gloo does not say *which* rank it was, a failed call makes each rank check in under a key in the
+rendezvous store, and a :class:`RankFailure` names the ranks that did not (or left their error
+there): unlike ``dist.monitored_barrier`` (rank 0 only, no name once connections close).
 """
-
 from __future__ import annotations
 
 import hashlib
