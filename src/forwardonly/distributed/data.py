@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..estimators import Backprop
 from ..train.worker import MakeEstimator, error_rate
-from .group import RankWorker, nbytes, tensor_digest
+from .group import RankWorker, tensor_digest
 
 
 def shard_sizes(n: int, world_size: int) -> list[int]:
@@ -178,6 +178,6 @@ def _weighted_all_reduce(worker, bucket):  # (DataParallelWorker, dist.GradBucke
     the hook's annotations against its own classes, so there are none.)"""
     buf = bucket.buffer()
     buf.mul_(worker.weight)
-    worker.count("all_reduce", nbytes(buf), nbytes(buf))
+    worker.count("all_reduce", buf.nbytes, buf.nbytes)
     fut = dist.all_reduce(buf, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])

@@ -44,14 +44,9 @@ class RankFailure(RuntimeError):
 @dataclass
 class Traffic:
     """Payload bytes of one kind of operation: this rank's own (sent), others' (received)."""
-
     calls: int = 0
     sent: int = 0
     received: int = 0
-
-
-def nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def launch_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
@@ -215,14 +210,14 @@ class Group:
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         with self.watch(label):
             dist.all_gather(out, t)
-        self.count("all_gather", nbytes(t), (self.world_size - 1) * nbytes(t))
+        self.count("all_gather", t.nbytes, (self.world_size - 1) * t.nbytes)
         return torch.stack(out)
 
     def all_reduce(self, t: Tensor, label: str) -> Tensor:
         """Sum of every rank's ``t``, in place."""
         with self.watch(label):
             dist.all_reduce(t)
-        self.count("all_reduce", nbytes(t), nbytes(t))
+        self.count("all_reduce", t.nbytes, t.nbytes)
         return t
 
     def broadcast(self, t: Tensor, src: int, label: str) -> Tensor:
@@ -230,7 +225,7 @@ class Group:
         with self.watch(label):
             dist.broadcast(t, src)
         mine = self.rank == src
-        self.count("broadcast", nbytes(t) if mine else 0, 0 if mine else nbytes(t))
+        self.count("broadcast", t.nbytes if mine else 0, 0 if mine else t.nbytes)
         return t
 
     def barrier(self, label: str) -> None:
@@ -255,13 +250,13 @@ class Group:
     def send(self, t: Tensor, dst: int, label: str) -> None:
         with self.watch(label):
             dist.send(t.contiguous(), dst)
-        self.count("send", nbytes(t), 0)
+        self.count("send", t.nbytes, 0)
 
     def recv(self, t: Tensor, src: int, label: str) -> Tensor:
         """Receive into ``t`` (its shape and dtype must be the sent tensor's)."""
         with self.watch(label):
             dist.recv(t, src)
-        self.count("recv", 0, nbytes(t))
+        self.count("recv", 0, t.nbytes)
         return t
 
     def send_object(self, obj: Any, dst: int, label: str) -> None:
@@ -304,6 +299,12 @@ class Group:
                 missing = [r for r in missing if not self.store.check([key + str(r)])]
             notes = {r: self.store.get(key + str(r)).decode() for r in range(self.world_size)
                      if r not in missing}
+            self.store.set(key + f"done/{self.rank}", "")
+            # rank 0 may host the store: it stays until the others that checked in have read it
+            waiting = [key + f"done/{r}" for r, note in notes.items() if note == "waiting"]
+            while self.rank == 0 and time.monotonic() < deadline + self.grace and not \
+                    self.store.check(waiting):
+                time.sleep(0.05)
         except RuntimeError:
             return RankFailure(f"rank {self.rank}: the group broke {cause}, and the rendezvous "
                                f"store with it: the process that hosts it (torchrun's agent, "
@@ -328,7 +329,6 @@ class Group:
 
 class RankWorker(Group):
     """A :class:`Group` rank with a model part: what the workers of every mode share."""
-
     _module: nn.Module
     _est: Estimator
 
