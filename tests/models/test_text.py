@@ -8,7 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import forwardonly
-from forwardonly.autodiff import directional_derivatives
+from forwardonly.autodiff import (
+    ForwardModeError,
+    directional_derivatives,
+    streamed_directional_derivative,
+)
 from forwardonly.models import attention as attention_module
 from forwardonly.models import build_model
 from forwardonly.models import text as text_module
@@ -66,6 +70,53 @@ def test_jvp_through_encoder_equals_autograd(monkeypatch):
                             for i in range(k)])
     torch.testing.assert_close(d, expected, **TOL)
     torch.testing.assert_close(loss, F.cross_entropy(model(ids), y), **TOL)
+
+
+@pytest.mark.parametrize("by_rows", [False, True])
+def test_streamed_jvp_through_encoder_equals_autograd(by_rows):
+    """One direction, each module's tangents drawn while it runs (the embedding's as the
+    looked-up rows): the autograd directional derivative, float64."""
+    model = tiny_classifier()
+    for p in model.encoder.encoder.layer[0].parameters():
+        p.requires_grad_(False)  # frozen parameters stay plain
+    ids, y = batch()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    tangents = {id(p): torch.randn(1, *p.shape, dtype=p.dtype) for p in trainable}
+    drawn = []
+
+    def tangent(p):
+        drawn.append(id(p))
+        return tangents[id(p)]
+
+    def rows(p, index):
+        return tangents[id(p)][0][index]
+
+    loss, d = streamed_directional_derivative(model, F.cross_entropy, ids, y, tangent,
+                                              rows if by_rows else None)
+    grads = torch.autograd.grad(F.cross_entropy(model(ids), y), trainable)
+    expected = sum((g * tangents[id(p)][0]).sum() for g, p in zip(grads, trainable, strict=True))
+    torch.testing.assert_close(d, expected.reshape(1), **TOL)
+    torch.testing.assert_close(loss, F.cross_entropy(model(ids), y), **TOL)
+    word = model.encoder.embeddings.word_embeddings.weight
+    assert (id(word) in drawn) is not by_rows  # rows only: the whole tangent never drawn
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())  # restored
+
+
+def test_streamed_jvp_refuses_a_parameter_used_outside_its_module():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(3, 3)
+            self.extra = torch.nn.Linear(3, 2)
+
+        def forward(self, x):  # reads extra's weight without running extra
+            return F.linear(self.inner(x), self.extra.weight)
+
+    model = Tied().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ForwardModeError, match="extra.weight"):
+        streamed_directional_derivative(model, F.cross_entropy, x, y,
+                                        lambda p: torch.ones(1, *p.shape, dtype=p.dtype))
 
 
 def test_dynamic_padding():

@@ -36,7 +36,11 @@ from .directions import (
     check_rank,
     rademacher,
 )
-from .forward_mode import directional_derivatives
+from .forward_mode import (
+    directional_derivatives,
+    streamed_directional_derivative,
+    streamed_jvp,
+)
 from .mixer import LayerTrace, WeightTangentFn, activity_weight_grads, block_forward, layer_forward
 from .rules import (
     ACTIVATIONS,
@@ -61,5 +65,5 @@ __all__ = [
     "block_forward", "check_distribution", "check_rank", "directional_derivatives",
     "dot_product_attention", "hf_attention", "layer_forward", "linear_jvp", "ln_jvp", "ln_stats",
     "loss_and_derivatives", "rademacher", "register_hf_attention", "relu_tangent", "run_layers",
-    "sequential_layers",
+    "sequential_layers", "streamed_directional_derivative", "streamed_jvp",
 ]

@@ -11,6 +11,12 @@ Two paths give the same numbers:
   dropped right after, so no model-sized tangent buffer exists.
 - **Whole model**, for any other ``nn.Module``: ``torch.func.jvp`` over
   ``functional_call``, vmapped over K, with the tangents of all parameters drawn up front.
+- **Streamed** (:func:`streamed_directional_derivative`, K = 1, any ``nn.Module``): dual
+  tensors of ``torch.autograd.forward_ad``; a module's own parameters become dual just
+  before the module runs and plain again right after, so at most one module's parameter
+  tangents exist at a time, and an ``nn.Embedding`` gets a tangent only for the rows the
+  batch looks up. The in-place (MeZO-style) forward-gradient step uses it: its memory is
+  that of inference plus the activations' tangents.
 
 A module whose operations have no forward-mode rule raises :class:`ForwardModeError`
 naming the module.
@@ -22,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -102,3 +109,99 @@ def _track_modules(model: nn.Module, current: list[str]) -> list[Any]:
         hooks.append(module.register_forward_pre_hook(enter(label)))
         hooks.append(module.register_forward_hook(leave))
     return hooks
+
+
+# -- streamed (K = 1) ------------------------------------------------------------------------
+
+#: ``rows(param, ids)``: the rows ``ids`` of ``param``'s (single) direction, ``(*ids.shape,
+#: *param.shape[1:])``, drawn without the rest of it.
+RowsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def streamed_directional_derivative(
+    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor,
+    tangent: TangentFn, rows: RowsFn | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Loss and its directional derivative along one direction (K = 1), each parameter's
+    tangent drawn only while the module that owns it runs (:func:`streamed_jvp`).
+
+    Returns:
+        ``(loss, d)``: the scalar loss and ``d`` of shape ``(1,)``.
+    """
+    loss, d = streamed_jvp(model, lambda: loss_fn(model(inputs), targets), tangent, rows)
+    return loss, d.reshape(1)
+
+
+def streamed_jvp(model: nn.Module, run: Callable[[], Tensor], tangent: TangentFn,
+                 rows: RowsFn | None = None, params: list[nn.Parameter] | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """``out = run()`` (a forward through ``model``) and its tangent along one direction of
+    ``params`` (by default ``model``'s trainable parameters; the others held fixed), with
+    dual tensors.
+
+    ``tangent(p)`` (``(1, *p.shape)``) is called when ``p``'s module starts (again on every
+    call of a module that runs twice: it must return the same direction each time); an
+    ``nn.Embedding``'s weight (without ``max_norm``) instead gets ``rows(weight, ids)`` for
+    the looked-up rows, when ``rows`` is given. Exact for every parameter that is used
+    through its own module's forward (all of ``torch.nn``'s layers and Hugging Face models);
+    a trainable parameter whose module never ran (unused, or read directly by another module)
+    raises :class:`ForwardModeError` rather than silently getting no derivative.
+
+    Returns:
+        ``(out, ȯut)``, detached; ``ȯut`` is zeros when no parameter is trainable.
+    """
+    moving = {id(p) for p in (params if params is not None else model.parameters())
+              if p.requires_grad}
+    owned = {m: {n: p for n, p in m.named_parameters(recurse=False) if id(p) in moving}
+             for m in model.modules()}
+    owned = {m: ps for m, ps in owned.items() if ps}
+    reached: set[int] = set()
+
+    def by_rows(module: nn.Module) -> bool:
+        return rows is not None and isinstance(module, nn.Embedding) \
+            and module.max_norm is None
+
+    def enter(module: nn.Module, args: Any) -> None:
+        for name, p in owned[module].items():
+            if name == "weight" and by_rows(module):
+                continue
+            module._parameters[name] = fwAD.make_dual(p.detach(), dense(tangent(p))[0])
+            reached.add(id(p))
+
+    def leave(module: nn.Module, args: Any, output: Any) -> Any:
+        module._parameters.update(owned[module])  # the plain parameters back
+        weight = owned[module].get("weight")
+        if weight is None or not by_rows(module):
+            return None
+        assert rows is not None
+        reached.add(id(weight))
+        primal, out_dot = fwAD.unpack_dual(output)
+        t = rows(weight, args[0])
+        return fwAD.make_dual(primal, t if out_dot is None else out_dot + t)
+
+    hooks = [h for m in owned for h in (m.register_forward_pre_hook(enter),
+                                        m.register_forward_hook(leave))]
+    current: list[str] = []
+    hooks += _track_modules(model, current)
+    try:
+        with torch.no_grad(), fwAD.dual_level():
+            primal, out_dot = fwAD.unpack_dual(run())
+            primal = primal.clone()  # outlives the dual level
+            out_dot = torch.zeros_like(primal) if out_dot is None else out_dot.clone()
+    except (RuntimeError, NotImplementedError) as exc:
+        where = current[-1] if current else "the model's forward"
+        raise ForwardModeError(failure_message(where, exc)) from exc
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, params in owned.items():
+            module._parameters.update(params)
+    missed = [n for n, p in model.named_parameters() if id(p) in moving - reached]
+    if missed:
+        raise ForwardModeError(
+            f"the streamed forward-mode pass never ran the module that owns {missed[:5]}"
+            f"{' ...' if len(missed) > 5 else ''}: a parameter must be used through its own "
+            f"module's forward to get its tangent. Freeze unused parameters (--train-params), "
+            f"or use a gradient buffer (--optimizer sgd or adam), which takes the whole-model "
+            f"path")
+    return primal, out_dot

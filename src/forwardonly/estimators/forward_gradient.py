@@ -22,6 +22,12 @@ the same directions either way, so the choice changes speed and memory only. Onl
 unbiased for the gradient restricted to that subspace, and frozen parameters get no ``.grad``.
 ``distribution="lowrank"`` draws rank-``direction_rank`` directions for weight matrices.
 
+In place (``sgd_step``, K = 1) a model other than an ``nn.Sequential`` (which runs layer by
+layer anyway) is streamed (:func:`~forwardonly.autodiff.streamed_jvp`): a module's parameter
+tangents exist only while it runs, an embedding's only for the rows the batch looks up, and
+the update ``θ −= lr·c·v`` redraws ``v`` chunk by chunk: the memory of inference plus the
+activations' tangents.
+
 ``exact_head=True`` ("heads exact", as Ren et al. 2023 train their FG-W heads, arXiv
 2210.03310): the model's linear readout ``model.head`` gets its exact gradient — local, it
 needs only the features ``h = model.features(x)`` — and the directions perturb only the
@@ -39,7 +45,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..autodiff import DirectionSampler, ForwardModeError, LossFn, directional_derivatives
+from ..autodiff import (
+    DirectionSampler,
+    ForwardModeError,
+    LossFn,
+    directional_derivatives,
+    sequential_layers,
+    streamed_directional_derivative,
+    streamed_jvp,
+)
+from ..autodiff.forward_mode import RowsFn
 from ..autodiff.directions import Factored, check_rank
 from ..autodiff.rules import TangentFn, batched_jvp, dense, failure_message
 from .base import Estimator, ExactHead, register, set_grad
@@ -134,6 +149,12 @@ class ForwardGradient(Estimator):
         in_grad: set[int] = set()  # tensors whose (single) direction was drawn into .grad
         kept: dict[int, Tensor | Factored] = {}  # the K directions, when the step keeps them
         keep = self.keeps(params, inplace=lr is not None)
+        # in place at K = 1 (MeZO's memory): tangents drawn module by module, the embeddings'
+        # only for the rows a batch uses (nn.Sequential models are streamed layer by layer)
+        rows: RowsFn | None = None
+        if lr is not None and k == 1 and sequential_layers(self.model) is None:
+            def rows(p: Tensor, ids: Tensor) -> Tensor:
+                return sampler.rows(index[id(p)], p, ids)
 
         def tangent(p: nn.Parameter) -> Tensor | Factored:
             i = index[id(p)]
@@ -150,7 +171,10 @@ class ForwardGradient(Estimator):
                 kept[i] = v
             return v
 
-        if self.exact_head is None:
+        if self.exact_head is None and rows is not None:
+            loss, d = streamed_directional_derivative(self.model, self.loss_fn, inputs,
+                                                      targets, tangent, rows)
+        elif self.exact_head is None:
             loss, d = directional_derivatives(self.model, self.loss_fn, inputs, targets,
                                               tangent, k)
         else:
@@ -158,14 +182,17 @@ class ForwardGradient(Estimator):
                 raise NotImplementedError(
                     "exact_head does not yet combine the head's gradient across processes; "
                     "run it in a single process, or drop exact_head")
-            loss, d = self._head_step(inputs, targets, params, tangent, k)
+            loss, d = self._head_step(inputs, targets, params, tangent, k, rows)
         if self.reduce is not None:
             loss, d = self.reduce(loss, d)
         coeffs = self.coefficients(d)
         with torch.no_grad():
             for i, p in enumerate(params):
                 drawn = kept.pop(i, None)
-                if lr is not None:
+                if lr is not None and k == 1 and drawn is None:  # chunk by chunk
+                    p.grad = None
+                    sampler.add_to(i, p, -lr * float(coeffs[0]))
+                elif lr is not None:
                     p.grad = None
                     p.add_(sampler.combine(i, p, coeffs, drawn), alpha=-lr)
                 elif i in in_grad:
@@ -178,10 +205,18 @@ class ForwardGradient(Estimator):
         return {"loss": loss.item(), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
     def _head_step(self, inputs: Tensor, targets: Tensor, body: list[nn.Parameter],
-                   tangent: TangentFn, k: int) -> tuple[Tensor, Tensor]:
-        """Exact head: ``(loss, d)`` with ``d_k = ∂L/∂h · ḣ_k``; the head's ``.grad`` written."""
+                   tangent: TangentFn, k: int, rows: RowsFn | None = None
+                   ) -> tuple[Tensor, Tensor]:
+        """Exact head: ``(loss, d)`` with ``d_k = ∂L/∂h · ḣ_k``; the head's ``.grad`` written.
+        With ``rows`` (K = 1), the features' tangent is streamed (:func:`streamed_jvp`)."""
         assert self.exact_head is not None
-        h, h_dot = features_jvp(self.model, self.exact_head.features, body, inputs, tangent, k)
+        features = self.exact_head.features
+        h_dot: Tensor | None
+        if rows is not None and body:
+            h, h_dot = streamed_jvp(self.model, lambda: features(inputs), tangent, rows, body)
+            h_dot = h_dot.unsqueeze(0)
+        else:
+            h, h_dot = features_jvp(self.model, features, body, inputs, tangent, k)
         loss, dl_dh = self.exact_head.gradient(self.loss_fn, h, targets, wrt_features=True)
         assert dl_dh is not None
         if h_dot is None:  # no body parameter is trainable: only the head learns
