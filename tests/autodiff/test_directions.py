@@ -340,3 +340,118 @@ def test_combine_uses_kept_directions_and_writes_out():
         out = torch.empty(5, 6, dtype=torch.float64)
         assert s.combine(0, like, c, drawn, out=out) is out
         torch.testing.assert_close(out, s.combine(0, like, c), rtol=1e-14, atol=1e-14)
+
+
+# -- a direction in pieces: blocks of rows, chosen rows, blockwise adds --------------------
+
+# (30522 // 100, 384): a slice of MiniLM's word embeddings; 37 and 15 entries a row are odd
+PIECE_SHAPES = [(1000, 37), (257, 384), (7, 3, 5), (11,), (), (30522 // 100, 384)]
+
+
+def test_consecutive_random_calls_continue_one_draw():
+    """What slicing Rademacher draws rests on: ``random_`` on a CPU generator spends one
+    64-bit number per element, so consecutive calls continue one call's words."""
+    gen = torch.Generator().manual_seed(3)
+    whole = torch.empty(5000, dtype=torch.int64).random_(-(2**63), 2**63 - 1, generator=gen)
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.empty(n, dtype=torch.int64).random_(-(2**63), 2**63 - 1, generator=gen)
+             for n in (1, 63, 1000, 3, 3933)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_gaussian_stream_skips_whole_words():
+    whole = GaussianStream(42).normal((5000,), dtype=torch.float64)
+    stream = GaussianStream(42)
+    assert stream.skip(8) is stream
+    assert torch.equal(stream.normal((100,), dtype=torch.float64), whole[8:108])
+    assert torch.equal(stream.skip(4000).normal((12,), dtype=torch.float64), whole[4108:4120])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        GaussianStream(42).skip(6)
+
+
+@pytest.mark.parametrize("shape", PIECE_SHAPES)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_chunks_are_the_whole_draw_bit_for_bit(distribution, shape):
+    """Blocks of consecutive rows, in order, each about ``max_entries`` entries (more only by
+    the rows a stream's word needs), concatenated: exactly ``dense(...)[0]``."""
+    s = DirectionSampler(distribution, step_seed=21, rank=3)
+    like = torch.empty(shape)
+    whole = s.dense(5, like, 1)[0]
+    for max_entries in (100, 1000, 1 << 18):
+        blocks = list(s.chunks(5, like, max_entries))
+        if like.dim() == 0:
+            assert len(blocks) == 1 and blocks[0][0] is ...
+            assert torch.equal(blocks[0][1], whole)
+            continue
+        row = like[0].numel()
+        start = 0
+        for rows, v in blocks:
+            assert rows.start == start and rows.stop > start
+            assert v.shape == (rows.stop - rows.start, *shape[1:])
+            assert v.numel() <= max(max_entries, 64 * row)
+            start = rows.stop
+        assert start == shape[0]
+        if like.numel() > 64 * max(max_entries, row):
+            assert len(blocks) > 1
+        assert torch.equal(torch.cat([v for _, v in blocks]), whole), max_entries
+
+
+@pytest.mark.parametrize("shape", PIECE_SHAPES)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_rows_are_the_rows_of_the_whole_draw(distribution, shape):
+    """Chosen rows — repeated, unordered, negative, in any shape of ids — bit for bit those
+    of the whole draw (Gaussian rows start mid-word when a row is not 4 entries)."""
+    s = DirectionSampler(distribution, step_seed=22, rank=3)
+    like = torch.empty(shape)
+    whole = s.dense(1, like, 1)[0]
+    if like.dim() == 0:
+        with pytest.raises(IndexError):
+            s.rows(1, like, torch.tensor([0]))
+        return
+    q = shape[0]
+    ids = torch.tensor([[q - 1, 0, 3 % q], [3 % q, 1 % q, -1], [2 % q, 4 % q, q // 2]])
+    got = s.rows(1, like, ids)
+    assert got.shape == (3, 3, *shape[1:])
+    assert torch.equal(got, whole[ids])
+    assert torch.equal(s.rows(1, like, torch.arange(q)), whole)
+    assert torch.equal(s.rows(1, like, torch.tensor(q - 1)), whole[q - 1])
+    assert s.rows(1, like, torch.empty(0, dtype=torch.long)).shape == (0, *shape[1:])
+    with pytest.raises(IndexError, match="row ids"):
+        s.rows(1, like, torch.tensor([q]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_add_to_is_the_whole_draw_added(distribution, dtype):
+    """``add_to`` adds block by block what ``add_(dense(...)[0], alpha)`` adds at once, bit
+    for bit — also into a non-contiguous tensor and, with ``also``, into a second one;
+    bfloat16 (whose blockwise add would round differently) takes one block."""
+    s = DirectionSampler(distribution, step_seed=23, rank=3)
+    for shape in [(257, 384), (1000, 37), (11,), ()]:
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(shape, generator=gen).to(dtype)
+        g = torch.randn(shape, generator=gen).to(dtype)
+        z = s.dense(2, p, 1)[0]
+        expected_p, expected_g = p.clone().add_(z, alpha=-0.37), g.clone().add_(z, alpha=0.11)
+        s.add_to(2, p, -0.37, 1000, also=(g, 0.11))
+        assert torch.equal(p, expected_p) and torch.equal(g, expected_g), shape
+    t = torch.randn(384, 257, dtype=dtype).T  # (257, 384), non-contiguous
+    expected = t.clone().add_(s.dense(3, t, 1)[0], alpha=1e-3)
+    s.add_to(3, t, 1e-3, 500)
+    assert torch.equal(t, expected)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_pieces_on_the_test_device(distribution, device):
+    """On any device the pieces are those of the whole draw (a device generator's Gaussians
+    are one block)."""
+    s = DirectionSampler(distribution, step_seed=24, rank=3)
+    like = torch.empty(300, 40, device=device)
+    whole = s.dense(0, like, 1)[0]
+    assert torch.equal(torch.cat([v for _, v in s.chunks(0, like, 1000)]), whole)
+    ids = torch.tensor([5, 299, 5, 0, 6], device=device)
+    assert torch.equal(s.rows(0, like, ids), whole[ids])
+    p = torch.randn(300, 40, device=device)
+    expected = p.clone().add_(whole, alpha=0.5)
+    s.add_to(0, p, 0.5, 1000)
+    assert torch.equal(p, expected)

@@ -420,3 +420,61 @@ def test_zeroth_order_keeps_or_redraws_to_the_same_result(method):
     assert est.keeps(params, inplace=False) and not est.keeps(params, inplace=True)
     with pytest.raises(ValueError, match="keep_directions must be True, False or 'auto'"):
         make_estimator(method, model, F.cross_entropy, keep_directions=None)
+
+
+# -- directions that are not kept are drawn in blocks --------------------------------------
+
+def blockwise_run(method, distribution, chunk, dtype, *, inplace, directions, reduce=False):
+    """Two steps of ``method`` on an MLP with a 3000-entry weight, directions redrawn in
+    blocks of ``chunk`` entries (``None``: kept whole, each drawn once); the parameters and
+    (``step``) gradients after them."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(60, 50), nn.Tanh(), nn.Linear(50, 3)).to(dtype)
+    x, y = torch.randn(16, 60, dtype=dtype), torch.randint(0, 3, (16,))
+    est = make_estimator(method, model, F.cross_entropy, seed=5, directions=directions,
+                         distribution=distribution, direction_rank=3,
+                         keep_directions=chunk is None)
+    est.CHUNK_ENTRIES = chunk
+    if reduce:
+        est.reduce = lambda loss, raw: (loss, raw)
+    for _ in range(2):
+        if inplace:
+            est.sgd_step(x, y, lr=0.05)
+        else:
+            est.step(x, y)
+    return [t.detach().clone() for p in model.parameters()
+            for t in ((p,) if inplace else (p, p.grad))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "rank1", "lowrank"])
+def test_zeroth_order_in_blocks_is_bit_for_bit_the_whole_draws(distribution, dtype,
+                                                                monkeypatch):
+    """In place (MeZO) and into ``.grad``, K = 1 and K = 3, with a reduction: directions
+    redrawn in blocks of 100 entries give exactly the parameters and gradients of whole
+    directions (kept: one ``dense`` draw per tensor and ``add_``), and so does one block per
+    tensor."""
+    blocks = []
+    chunks = DirectionSampler.chunks
+
+    def spy(self, index, like, max_entries=1 << 18):
+        for rows, v in chunks(self, index, like, max_entries):
+            blocks.append(v.numel())
+            yield rows, v
+
+    monkeypatch.setattr(DirectionSampler, "chunks", spy)
+    for method, options in [("zo", {"inplace": True, "directions": 1}),
+                            ("zo", {"inplace": True, "directions": 3}),
+                            ("zo", {"inplace": False, "directions": 1}),
+                            ("zo", {"inplace": False, "directions": 2, "reduce": True}),
+                            ("zo-sign", {"inplace": True, "directions": 1})]:
+        kept = blockwise_run(method, distribution, None, dtype, **options)
+        assert not blocks
+        whole = blockwise_run(method, distribution, 1 << 40, dtype, **options)
+        assert max(blocks) == 3000
+        blocks.clear()
+        parts = blockwise_run(method, distribution, 100, dtype, **options)
+        assert max(blocks) < 3000  # the weight went in several blocks
+        blocks.clear()
+        for a, b, c in zip(kept, whole, parts, strict=True):
+            assert torch.equal(a, b) and torch.equal(a, c), (method, options)

@@ -32,6 +32,16 @@ which is what makes ``g = (∇L·v) v`` an unbiased estimate of ``∇L``.
   ±1 products has lighter tails than a sum of Gaussian products (``E[V_jl⁴] = 3 − 2/r``
   against ``3(1 + 2/r)``), so the estimate's variance is lower. Vectors: plain Rademacher.
 
+A tensor's direction can also be drawn in pieces, bit for bit the entries of the whole draw
+(:meth:`DirectionSampler.chunks`, :meth:`~DirectionSampler.rows`,
+:meth:`~DirectionSampler.add_to`): blocks of consecutive rows (its first dimension), so that
+``θ += αv`` needs one block of ``v`` at a time instead of a tensor-sized one, and chosen rows
+(an embedding's rows that a batch looks up). A Gaussian stream is sliced at whole 64-bit
+words of 4 entries (:meth:`GaussianStream.skip`), a CPU ``torch.Generator``'s Rademacher signs
+at multiples of 64 (``random_`` spends one word per element, so consecutive calls continue
+one call), and factored directions are formed row by row from their factors. Elsewhere (a
+device generator's draws, which cannot be sliced) a block is the whole tensor.
+
 The same sampler draws *activity* tangents (activity perturbation, Ren et al. 2023): K
 tangents ``(K, *shape)`` per layer ``index`` from the generator of that index
 (:meth:`DirectionSampler.noise`); only ``gaussian`` and ``rademacher`` apply there.
@@ -41,8 +51,9 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -55,6 +66,13 @@ DISTRIBUTIONS = ("gaussian", "rademacher", "rank1", "lowrank")
 #: Activity tangents (one per unit and example) have no weight matrix to factor: no rank1 or
 #: lowrank.
 ACTIVITY_DISTRIBUTIONS = ("gaussian", "rademacher")
+#: Entries per block of :meth:`DirectionSampler.chunks` and :meth:`~DirectionSampler.add_to`
+#: (1 MiB of float32).
+CHUNK_ENTRIES = 1 << 18
+#: Dtypes whose ``add_(v, alpha=c)`` block by block is bit for bit the whole one (tests check
+#: it); in half precision torch rounds the tail of its vectorized loop differently, so moving
+#: the block boundaries would change some roundings: those tensors are added in one piece.
+_BLOCKWISE_ADD = (torch.float32, torch.float64)
 
 # noise(index, shape, like) -> (K, *shape) activity tangents (dtype/device of ``like``)
 NoiseFn = Callable[[int, tuple[int, ...], Tensor], Tensor]
@@ -184,6 +202,15 @@ class GaussianStream:
         self._used += n
         return bits
 
+    def skip(self, entries: int) -> GaussianStream:
+        """Move on by ``entries`` entries (a multiple of 4: a word holds 4) without drawing
+        them; returns the stream. The next draw starts at the entry it would have reached."""
+        if entries < 0 or entries % 4:
+            raise ValueError(f"a Gaussian stream skips a non-negative multiple of 4 entries, "
+                             f"got {entries}")
+        self._used += entries // 4
+        return self
+
     def words(self, n: int) -> np.ndarray:
         """The next ``n`` 64-bit words of the stream (uint64)."""
         return self._bits(n).random_raw(n)
@@ -232,10 +259,14 @@ class Rank1:
     a: Tensor  # (K, p) with p = prod(shape[1:])
     shape: torch.Size
 
+    def row_block(self, rows: slice | Tensor) -> Tensor:
+        """``(K, m, p)``: the rows ``rows`` (a slice, or m indices) of every direction, the
+        trailing dimensions flattened; :meth:`materialize` is all rows."""
+        return self.b[:, rows].unsqueeze(2) * self.a.unsqueeze(1)
+
     def materialize(self) -> Tensor:
         """(K, *shape) dense directions."""
-        dense = self.b.unsqueeze(2) * self.a.unsqueeze(1)  # (K, q, p)
-        return dense.reshape(self.b.shape[0], *self.shape)
+        return self.row_block(slice(None)).reshape(self.b.shape[0], *self.shape)
 
     def combine(self, coeffs: Tensor, out: Tensor | None = None) -> Tensor:
         """``Σ_k coeffs[k] V_k`` as a dense ``shape`` tensor, without forming every V_k;
@@ -264,10 +295,17 @@ class LowRank:
         """``1/√r``, which makes ``E[vec V vec Vᵀ] = I``."""
         return 1.0 / math.sqrt(self.rank)
 
+    def row_block(self, rows: slice | Tensor) -> Tensor:
+        """``(K, m, p)``: the rows ``rows`` (a slice, or m indices) of every direction, the
+        trailing dimensions flattened; :meth:`materialize` is all rows. An entry is a sum of r
+        products of signs — an integer, exact in any order of summation — times ``1/√r``, so
+        a block is bit for bit the same rows of the whole product."""
+        b = self.b[..., rows].transpose(1, 2)  # (K, m, r)
+        return torch.matmul(b, self.a).mul_(self.scale)
+
     def materialize(self) -> Tensor:
         """(K, *shape) dense directions."""
-        dense = torch.matmul(self.b.transpose(1, 2), self.a).mul_(self.scale)  # (K, q, p)
-        return dense.reshape(self.b.shape[0], *self.shape)
+        return self.row_block(slice(None)).reshape(self.b.shape[0], *self.shape)
 
     def combine(self, coeffs: Tensor, out: Tensor | None = None) -> Tensor:
         """``Σ_k coeffs[k] V_k`` as a dense ``shape`` tensor: one ``(q, Kr) @ (Kr, p)``;
@@ -373,6 +411,111 @@ class DirectionSampler:
             v = self.factors(index, like, k).materialize()
             return v if out is None else out.copy_(v)
         return self.draw(self.generator(index, like.device), (k, *like.shape), like, out)
+
+    @_eager
+    def chunks(self, index: int, like: Tensor, max_entries: int = CHUNK_ENTRIES
+               ) -> Iterator[tuple[slice | EllipsisType, Tensor]]:
+        """The direction of tensor ``index`` (``dense(index, like, 1)[0]``, bit for bit) in
+        blocks of consecutive rows: ``(rows, v[rows])`` with ``rows`` a slice of ``like``'s
+        first dimension, in order, each block at most about ``max_entries`` entries (at
+        least one row, and as many as the stream's slicing needs: 4 / gcd(row size, 4) rows
+        for Gaussian entries, 64 / gcd(row size, 64) for Rademacher ones). A tensor of at
+        most ``max_entries`` entries is one block; a 0-d one is one block with ``rows`` the
+        ``...`` that indexes it. On a device whose Gaussians cannot be sliced (``normal_`` of
+        a device generator) the block is the whole tensor."""
+        n = like.numel()
+        if like.dim() == 0 or n <= max_entries or n == 0:
+            v = self.dense(index, like, 1)[0]
+            yield (... if like.dim() == 0 else slice(0, like.shape[0])), v
+            return
+        q, row = like.shape[0], n // like.shape[0]
+        step = max(1, max_entries // row)
+        if self.is_factored(like.shape):
+            factors = self.factors(index, like, 1)
+            for start in range(0, q, step):
+                rows = slice(start, min(start + step, q))
+                yield rows, factors.row_block(rows)[0].view(-1, *like.shape[1:])
+            return
+        gen = self.generator(index, like.device)
+        if isinstance(gen, GaussianStream):
+            unit = 4  # entries per word
+        elif self.distribution != "gaussian" and like.device.type == "cpu":
+            unit = 64  # signs per word, one word per element of random_
+        else:
+            yield slice(0, q), self.draw(gen, (1, *like.shape), like)[0]
+            return
+        multiple = unit // math.gcd(row, unit)  # rows per whole number of words
+        step = max(multiple, step // multiple * multiple)
+        for start in range(0, q, step):  # consecutive draws continue the stream
+            c = min(step, q - start)
+            yield slice(start, start + c), self.draw(gen, (c, *like.shape[1:]), like)
+
+    @_eager
+    def rows(self, index: int, like: Tensor, ids: Tensor) -> Tensor:
+        """``dense(index, like, 1)[0][ids]`` bit for bit: rows ``ids`` (integers, any shape,
+        negative ones counting from the end) of tensor ``index``'s direction, of shape
+        ``(*ids.shape, *like.shape[1:])``. Factored directions come from their factors,
+        Gaussian entries on the CPU from the stream at each run of consecutive ids; other
+        draws go through :meth:`chunks` (a block at a time)."""
+        if like.dim() == 0:
+            return self.dense(index, like, 1)[0][ids]
+        q, rest = like.shape[0], like.shape[1:]
+        flat = ids.reshape(-1).long()
+        if flat.numel() == 0:
+            return like.new_empty((*ids.shape, *rest))
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < -q or hi >= q:
+            raise IndexError(f"row ids must lie in [-{q}, {q}), got {lo} .. {hi}")
+        flat = flat.remainder(q)
+        if self.is_factored(like.shape):
+            v = self.factors(index, like, 1).row_block(flat.to(like.device))[0]
+            return v.view((*ids.shape, *rest))
+        if self.distribution == "gaussian" and like.device.type == "cpu":
+            return self._gaussian_rows(index, like, flat).view((*ids.shape, *rest))
+        out = like.new_empty((flat.numel(), *rest))
+        flat = flat.to(like.device)
+        for block, v in self.chunks(index, like):
+            assert isinstance(block, slice) and block.start is not None
+            sel = ((flat >= block.start) & (flat < block.stop)).nonzero().squeeze(1)
+            out[sel] = v[flat[sel] - block.start]
+        return out.view((*ids.shape, *rest))
+
+    def _gaussian_rows(self, index: int, like: Tensor, flat: Tensor) -> Tensor:
+        """Rows ``flat`` (in ``[0, q)``) of a CPU Gaussian direction: one stream per run of
+        consecutive ids, skipped to the run's first word."""
+        row = like[0].numel()
+        uniq, inverse = torch.unique(flat.cpu(), return_inverse=True)  # ascending
+        ids = uniq.tolist()
+        out = torch.empty((len(ids), row), dtype=like.dtype)
+        first = 0
+        while first < len(ids):
+            last = first + 1
+            while last < len(ids) and ids[last] == ids[last - 1] + 1:
+                last += 1
+            start = ids[first] * row  # entry offset of the run
+            lead = start % 4  # entries of its first word that belong to earlier rows
+            gen = self.generator(index, like.device)
+            assert isinstance(gen, GaussianStream)
+            run = gen.skip(start - lead).normal((lead + (last - first) * row,), dtype=like.dtype)
+            out[first:last] = run[lead:].view(last - first, row)
+            first = last
+        return out[inverse]
+
+    @_eager
+    def add_to(self, index: int, param: Tensor, alpha: float, max_entries: int = CHUNK_ENTRIES,
+               *, also: tuple[Tensor, float] | None = None) -> None:
+        """``param += alpha·v`` in place, ``v`` the direction of tensor ``index`` drawn block
+        by block (:meth:`chunks`): no tensor-sized temporary; with ``also = (t, beta)``
+        (``t`` of ``param``'s shape and dtype), ``t += beta·v`` too from the same blocks. Bit
+        for bit ``param.add_(dense(index, param, 1)[0], alpha=alpha)``; half-precision
+        tensors (whose blockwise add would round differently) take one whole draw. Call it
+        under ``torch.no_grad()`` for parameters."""
+        targets = [(param, alpha)] if also is None else [(param, alpha), also]
+        if any(t.dtype not in _BLOCKWISE_ADD for t, _ in targets):
+            max_entries = param.numel()
+        for rows, v in self.chunks(index, param, max_entries):
+            for t, a in targets:
+                t[rows].add_(v, alpha=a)
 
     def combine(self, index: int, like: Tensor, coeffs: Tensor,
                 drawn: Tensor | Factored | None = None, out: Tensor | None = None) -> Tensor:

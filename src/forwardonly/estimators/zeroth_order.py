@@ -6,7 +6,9 @@ arXiv 2305.17333). For each direction ``z_k`` (regenerated from a seed, never st
     d_k ≈ (L(θ + ε z_k) − L(θ − ε z_k)) / 2ε,        g = (1/K) Σ_k d_k z_k
 
 The parameters are perturbed *in place* (``θ += εz``, ``θ −= 2εz``, ``θ += εz``), so a step
-needs no copy of the parameters: the memory of inference plus one tensor's direction. The
+needs no copy of the parameters: the memory of inference plus one chunk of a direction
+(each tensor's ``z`` is drawn and added ``CHUNK_ENTRIES`` entries at a time, bit for bit the
+whole draw: :meth:`DirectionSampler.add_to`). The
 restore is exact up to float rounding (about one ulp of θ per step), and bit for bit when
 every ``θ ± εz`` is representable (e.g. ±1 entries, ε a power of two, θ on a coarser grid).
 
@@ -18,7 +20,8 @@ direction's tensors between the three uses when they take at most ``KEEP_DIRECTI
 
 Only parameters with ``requires_grad`` are perturbed (``--train-params`` freezes the rest):
 the estimate is that of the gradient restricted to them. ``distribution="lowrank"`` perturbs
-weight matrices along rank-``direction_rank`` directions (materialized one tensor at a time).
+weight matrices along rank-``direction_rank`` directions (materialized from the factors, a
+block of rows at a time).
 
 ``exact_head=True``: the model's linear readout ``model.head`` is not perturbed; it gets its
 exact gradient from one clean forward at θ (``model.head(model.features(x))``, autograd
@@ -45,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ..autodiff import DirectionSampler, LossFn
+from ..autodiff.directions import CHUNK_ENTRIES as _CHUNK_ENTRIES
 from ..autodiff.directions import check_rank
 from ..seeding import mix_seed
 from .base import Estimator, ExactHead, register
@@ -71,6 +75,8 @@ class ZerothOrder(Estimator):
 
     #: ``keep_directions="auto"`` keeps a direction up to this size (MiB).
     KEEP_DIRECTIONS_MIB = 256
+    #: A direction that is not kept is drawn and added in blocks of about this many entries.
+    CHUNK_ENTRIES = _CHUNK_ENTRIES
 
     #: Combines this process's ``(loss, raw)`` — the mean loss and the K raw directional
     #: numbers of :meth:`directional` — with the other processes' before the estimate is
@@ -122,9 +128,8 @@ class ZerothOrder(Estimator):
         return not inplace and size <= self.KEEP_DIRECTIONS_MIB * 2**20
 
     def _direction(self, sampler: DirectionSampler, i: int, p: Tensor) -> Tensor:
-        """Tensor ``i``'s ``z`` under ``sampler``: kept from its first draw, or drawn."""
-        if self._kept is None:
-            return sampler.dense(i, p, 1)[0]  # one tensor's direction at a time
+        """Tensor ``i``'s ``z`` under ``sampler``, kept from its first draw."""
+        assert self._kept is not None
         if self._kept[0] is not sampler:  # a new direction: drop the previous one's
             self._kept = (sampler, {})
         kept = self._kept[1]
@@ -140,12 +145,27 @@ class ZerothOrder(Estimator):
         if grad_coeff is not None and self._inplace_lr is not None:
             scale, grad_coeff = scale - self._inplace_lr * grad_coeff, None
         for i, p in enumerate(self.perturbed()):
+            if self._kept is None:  # drawn again, a block of z at a time
+                self._perturb_blockwise(sampler, i, p, scale, grad_coeff)
+                continue
             z = self._direction(sampler, i, p)
             if scale != 0.0:
                 p.add_(z, alpha=scale)
             if grad_coeff is not None:
                 assert p.grad is not None  # zeroed for this step by the caller
                 p.grad.add_(z, alpha=grad_coeff)
+
+    def _perturb_blockwise(self, sampler: DirectionSampler, i: int, p: Tensor, scale: float,
+                           grad_coeff: float | None) -> None:
+        """``_perturb`` for tensor ``i`` with ``z`` drawn in blocks of ``CHUNK_ENTRIES``."""
+        grad = None
+        if grad_coeff is not None:
+            assert p.grad is not None  # zeroed for this step by the caller
+            grad = (p.grad, grad_coeff)
+        if scale != 0.0:
+            sampler.add_to(i, p, scale, self.CHUNK_ENTRIES, also=grad)
+        elif grad is not None:
+            sampler.add_to(i, grad[0], grad[1], self.CHUNK_ENTRIES)
 
     @torch.no_grad()
     def _loss(self, inputs: Tensor, targets: Tensor) -> float:
