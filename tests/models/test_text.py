@@ -131,6 +131,41 @@ def test_dynamic_padding():
     torch.testing.assert_close(alone, out, **TOL)
 
 
+@pytest.mark.parametrize("options", [
+    {"distribution": "gaussian"}, {"distribution": "lowrank", "direction_rank": 2},
+    {"distribution": "rademacher", "exact_head": True}])
+def test_fg_w_in_place_is_sgd_on_its_estimate(options, monkeypatch):
+    """The in-place step (streamed tangents, embedding rows, chunked update) moves θ by
+    exactly −lr·g of the step that fills .grad from the same seed."""
+    from forwardonly.autodiff import forward_mode
+
+    streamed = []
+    real = forward_mode.streamed_jvp
+
+    def spy(*args, **kwargs):
+        streamed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forward_mode, "streamed_jvp", spy)
+    monkeypatch.setattr("forwardonly.estimators.forward_gradient.streamed_jvp", spy)
+    ids, y = batch()
+    lr = 0.1
+    models = []
+    for _ in range(2):  # the same random BERT twice
+        torch.manual_seed(0)
+        models.append(tiny_classifier())
+    one, two = models
+    est = forwardonly.make_estimator("fg-w", one, F.cross_entropy, seed=3, **options)
+    est.step(ids, y)
+    expected = [p.detach() - lr * p.grad for p in one.parameters()]
+    forwardonly.make_estimator("fg-w", two, F.cross_entropy, seed=3, **options).sgd_step(
+        ids, y, lr)
+    assert streamed
+    for want, got in zip(expected, two.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert got.grad is None or options.get("exact_head")
+
+
 def test_estimators_step_on_the_tiny_model():
     model = tiny_classifier(torch.float32)
     model.train()

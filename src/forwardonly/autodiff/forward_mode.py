@@ -194,8 +194,8 @@ def streamed_jvp(model: nn.Module, run: Callable[[], Tensor], tangent: TangentFn
     finally:
         for hook in hooks:
             hook.remove()
-        for module, params in owned.items():
-            module._parameters.update(params)
+        for module, plain in owned.items():
+            module._parameters.update(plain)
     missed = [n for n, p in model.named_parameters() if id(p) in moving - reached]
     if missed:
         raise ForwardModeError(

@@ -54,8 +54,8 @@ from ..autodiff import (
     streamed_directional_derivative,
     streamed_jvp,
 )
-from ..autodiff.forward_mode import RowsFn
 from ..autodiff.directions import Factored, check_rank
+from ..autodiff.forward_mode import RowsFn
 from ..autodiff.rules import TangentFn, batched_jvp, dense, failure_message
 from .base import Estimator, ExactHead, register, set_grad
 
