@@ -72,6 +72,11 @@ class TrainConfig:
                                  "'encoder.encoder.layer.5.*': MiniLM's head and last layer); "
                                  "the others stay frozen. A pattern that matches nothing is an "
                                  "error that lists the names. Unset: every parameter.")
+    init_from: str | None = _f(None, "Start from the model weights of another run: its "
+                               "directory or its checkpoint.pt (e.g. a linear probe's run, "
+                               "then fine-tune the encoder from it: LP-FT). The model must "
+                               "have the same shape; optimizer, schedule and step count start "
+                               "afresh.")
     # method
     method: str = _f("fg-w", "How gradients are obtained: bp (backprop), fg-w (forward "
                      "gradient, weight perturbation), fg-sign, zo (zeroth order / MeZO), "

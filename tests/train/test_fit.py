@@ -398,3 +398,28 @@ def test_train_subset_keeps_k_examples_per_class_from_the_seed(tmp_path):
     result = fit(cfg(tmp_path, epochs=1, method="bp", train_subset=5), log=lambda s: None)
     assert result.rows[0]["samples_per_s"] > 0
     assert result.rows[0]["train_error"] * 50 == round(result.rows[0]["train_error"] * 50)
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path):
+    first = tmp_path / "first"
+    fit(cfg(tmp_path, epochs=3, method="bp", lr=0.02, out=str(first)), log=lambda s: None)
+    # a vanishing learning rate: the second run ends where it started, on the first's weights
+    config = cfg(tmp_path, epochs=1, method="bp", optimizer="sgd", lr=1e-12, seed=5,
+                 init_from=str(first), out=str(tmp_path / "second"))
+    second = fit(config, log=lambda s: None)
+    mine, theirs = _params(tmp_path / "second"), _params(first)
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        torch.testing.assert_close(mine[key], value, rtol=0, atol=1e-9)
+    scratch = fit(dataclasses.replace(config, init_from=None, out=str(tmp_path / "scratch")),
+                  log=lambda s: None)
+    assert second.rows[0]["train_loss"] < scratch.rows[0]["train_loss"] - 0.5  # trained start
+    recorded = yaml.safe_load((tmp_path / "second" / "config.yaml").read_text())
+    assert recorded["config"]["init_from"] == str(first.resolve())
+    # another shape, or no run there: a clear error before any training
+    with pytest.raises(ConfigError, match="another shape"):
+        fit(cfg(tmp_path, epochs=1, method="bp", widths=[8], init_from=str(first),
+                out=str(tmp_path / "third")), log=lambda s: None)
+    with pytest.raises(ConfigError, match="no checkpoint at"):
+        fit(cfg(tmp_path, epochs=1, method="bp", init_from=str(tmp_path / "nowhere"),
+                out=str(tmp_path / "fourth")), log=lambda s: None)

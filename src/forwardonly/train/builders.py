@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,26 @@ def build_model_for(config: TrainConfig, data: Dataset) -> nn.Module:
                           f"{data.in_shape}: {exc}") from exc
     freeze_except(model, config.train_params)
     return model.to(config.device)
+
+
+def init_from(model: nn.Module, source: str | Path) -> None:
+    """Load the model weights of the run directory (or checkpoint file) ``source`` into
+    ``model``; a :class:`ConfigError` that says what differs when the shapes do not match."""
+    from . import checkpoint
+
+    path = Path(source)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    try:
+        state = checkpoint.load(path)["model"]
+    except (checkpoint.CheckpointError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--init-from {source}: {exc}") from exc
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:4]
+        raise ConfigError(f"--init-from {source}: its model has another shape than this "
+                          f"run's ({'; '.join(lines)}); start from a run of the same --model "
+                          f"and dataset") from exc
 
 
 def estimator_for(config: TrainConfig, model: nn.Module) -> Estimator:

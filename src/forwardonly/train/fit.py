@@ -45,6 +45,7 @@ from . import checkpoint, records
 from .builders import (
     build_model_for,
     estimator_for,
+    init_from,
     load_data,
     make_optimizer,
     make_schedule,
@@ -125,6 +126,8 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
     data = load_data(config)
     config = dataclasses.replace(config, data_dir=resolve_data_dir(config.dataset,
                                                                    config.data_dir))
+    if config.init_from is not None:  # recorded resolved, like the data
+        config = dataclasses.replace(config, init_from=str(Path(config.init_from).resolve()))
     with _memory_errors(config):
         model = build_model_for(config, data)
         state: dict[str, Any] | None = None
@@ -132,6 +135,8 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
             state = worker.share(lambda: checkpoint.load(run_dir / CHECKPOINT),
                                  "reading the checkpoint")
             load_model_state(model, state["model"], run_dir / CHECKPOINT)
+        elif config.init_from is not None:
+            init_from(model, config.init_from)
         worker.attach(model, lambda part: estimator_for(config, part))
     del model  # a stage holds only its own layers
     speed_up(worker.estimator, compile=config.compile, precision=config.precision,

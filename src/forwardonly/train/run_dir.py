@@ -23,7 +23,7 @@ CHECKPOINT = "checkpoint.pt"
 # the recorded train error; the rest say where and how the same computation runs.
 RESUMABLE_CHANGES = frozenset({"epochs", "progress", "device", "threads", "eval_batch_size",
                                "data_dir", "dist_timeout", "stop_after", "train_eval_size",
-                               "compile", "out"})
+                               "compile", "out", "init_from"})
 
 
 def default_run_dir(config: TrainConfig) -> Path:
