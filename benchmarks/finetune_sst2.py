@@ -66,13 +66,24 @@ METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
     "fg-w subspace": ({"method": "fg-w", "distribution": "lowrank", "exact_head": True,
                        "train_params": LAST, "optimizer": "adam", "head_lr_scale": 10.0},
                       [1e-4, 1e-3]),
+    # LP-FT (Kumar et al. 2022): start from the chosen linear probe's run ("init_from":
+    # "probe" is resolved to it), then fine-tune the last layer and the head forward-only
+    "zo subspace LP-FT": ({"method": "zo", "distribution": "lowrank", "exact_head": True,
+                           "train_params": LAST, "optimizer": "adam", "init_from": "probe"},
+                          [1e-4, 1e-3]),
+    "fg-w subspace LP-FT": ({"method": "fg-w", "distribution": "lowrank", "exact_head": True,
+                             "train_params": LAST, "optimizer": "adam", "init_from": "probe"},
+                            [1e-4, 1e-3]),
     # memory and speed only by default: does a low-rank direction shrink fg-w's tangents?
     "fg-w lowrank": ({"method": "fg-w", "distribution": "lowrank", "optimizer": "sgd-inplace"},
                      [1e-5, 1e-4]),
 }
 ACCURACY_METHODS = ["probe", "bp", "zo", "zo exact-head", "fg-w", "zo subspace",
-                    "fg-w subspace"]
-FORWARD_ONLY = ["zo", "zo exact-head", "fg-w", "zo subspace", "fg-w subspace"]
+                    "fg-w subspace", "zo subspace LP-FT", "fg-w subspace LP-FT"]
+# memory and speed: an LP-FT variant's step is its plain variant's
+STEP_METHODS = [label for label in METHODS if not label.endswith("LP-FT")]
+FORWARD_ONLY = ["zo", "zo exact-head", "fg-w", "zo subspace", "fg-w subspace",
+                "zo subspace LP-FT", "fg-w subspace LP-FT"]
 
 
 def describe(label: str) -> str:
@@ -83,6 +94,8 @@ def describe(label: str) -> str:
         flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)
+        elif key == "init_from":
+            parts.append(f"{flag} RUN (the chosen linear probe's run)")
         elif isinstance(value, list):
             parts.append(flag + " " + " ".join(f"'{v}'" for v in value))
         else:
@@ -180,7 +193,7 @@ def memory_child(label: str, args: argparse.Namespace) -> None:
 
 
 def memory(args: argparse.Namespace, res: Results) -> list[dict[str, Any]]:
-    labels = ["inference", *(args.methods or METHODS)]
+    labels = ["inference", *(args.methods or STEP_METHODS)]
     rows = []
     for label in labels:
         cmd = [sys.executable, "-m", "benchmarks.finetune_sst2", "memory-child", label,
@@ -254,7 +267,7 @@ def memory_verdict(rows: list[dict[str, Any]]) -> str:
 
 def speed(args: argparse.Namespace, res: Results) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
-    labels = ["inference", *(args.methods or METHODS)]
+    labels = ["inference", *(args.methods or STEP_METHODS)]
     if "bp" not in labels:
         labels.append("bp")
     steppers, batch = {}, None
@@ -300,10 +313,15 @@ def speed(args: argparse.Namespace, res: Results) -> list[dict[str, Any]]:
 # -- accuracy ---------------------------------------------------------------------------------
 
 def run_config(label: str, lr: float, epochs: int, per_class: int | None,
-               args: argparse.Namespace, run_dir: Path) -> Any:
+               args: argparse.Namespace, run_dir: Path, res: Results) -> Any:
     from forwardonly.config import from_dict
 
     opts, _ = METHODS[label]
+    if opts.get("init_from") == "probe":  # the chosen probe run of this training set
+        best = choose("probe", args.lrs or METHODS["probe"][1], per_class, args, res)
+        if best is None:
+            raise SystemExit(f"{label} starts from the linear probe: run --methods probe first")
+        opts = {**opts, "init_from": str(res.run_dir(run_tag("probe", best, per_class, args)))}
     return from_dict({
         "dataset": "sst2", "data_dir": args.data_dir, "model": args.model,
         "model_path": args.model_path, "train_subset": per_class, "max_length": 128,
@@ -334,7 +352,7 @@ def train_to(label: str, lr: float, epochs: int, per_class: int | None,
     if len(rows) >= epochs or (run_dir / "DIVERGED").is_file() or args.collect_only:
         return rows
     print(f"== {label} lr {lr:g}: epoch {len(rows)} -> {epochs} ({run_dir})", flush=True)
-    cfg = run_config(label, lr, epochs, per_class, args, run_dir)
+    cfg = run_config(label, lr, epochs, per_class, args, run_dir, res)
     try:
         return fit(cfg, resume=(run_dir / "checkpoint.pt").is_file()).rows
     except TrainingDiverged as exc:
