@@ -59,7 +59,7 @@ def test_options_reach_exactly_the_estimator_and_model_that_take_them():
     config = from_dict({"method": "zo", "directions": 3, "epsilon": 0.01, "widths": [4]})
     assert config.method_options() == {"directions": 3, "distribution": "gaussian",
                                        "direction_rank": 4, "exact_head": False,
-                                       "epsilon": 0.01, "seed": 0}
+                                       "epsilon": 0.01, "micro_batch": None, "seed": 0}
     assert config.model_options() == {"widths": [4], "activation": "relu"}
 
 

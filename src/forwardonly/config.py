@@ -90,6 +90,11 @@ class TrainConfig:
                           "gradient (it needs only the pooled features, no backprop into the "
                           "encoder) and perturb only the rest.")
     epsilon: float = _f(1e-3, "Perturbation size for zeroth-order methods.")
+    micro_batch: int | None = _f(None, "zo, fg-w: evaluate each batch in pieces of at most "
+                                 "this many examples with the same directions (the same "
+                                 "estimate, the activation memory of one piece; gradient "
+                                 "accumulation for the forward-only methods). Unset: whole "
+                                 "batches.")
     freeze_backbone: bool = _f(False, "Local methods: train only the linear heads (the "
                                "backbone stays at its initialization) — a baseline.")
     # Forward-Forward (method ff, model ff-mlp)
@@ -362,8 +367,8 @@ MODEL_OPTIONS = ("model_path", "widths", "activation", "channels", "preset", "bl
                  "patches", "width", "groups", "ff_mode", "ff_goodness", "ff_readout",
                  "ff_readout_from", "ff_label_scale", "ff_normalize_input", "ff_precision")
 METHOD_OPTIONS = ("directions", "distribution", "direction_rank", "exact_head", "epsilon",
-                  "freeze_backbone", "ff_threshold", "ff_temperature", "ff_loss", "ff_negatives",
-                  "ff_peer_weight", "ff_blur_steps")
+                  "micro_batch", "freeze_backbone", "ff_threshold", "ff_temperature", "ff_loss",
+                  "ff_negatives", "ff_peer_weight", "ff_blur_steps")
 # Config names whose parameter is spelled differently (the FF options drop their prefix).
 PARAM_NAMES: dict[str, str] = {name: name.removeprefix("ff_") for name in (
     *MODEL_OPTIONS, *METHOD_OPTIONS) if name.startswith("ff_")}

@@ -478,3 +478,44 @@ def test_zeroth_order_in_blocks_is_bit_for_bit_the_whole_draws(distribution, dty
         blocks.clear()
         for a, b, c in zip(kept, whole, parts, strict=True):
             assert torch.equal(a, b) and torch.equal(a, c), (method, options)
+
+
+# -- micro-batches: a batch evaluated in pieces, the same directions for each ---------------
+@pytest.mark.parametrize("options", [
+    {"method": "fg-w"}, {"method": "fg-w", "directions": 3},
+    {"method": "fg-w", "distribution": "lowrank", "exact_head": True},
+    {"method": "zo", "directions": 2}, {"method": "zo", "exact_head": True},
+    {"method": "zo-sign"}])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_micro_batches_give_the_whole_batchs_estimate(options, in_place):
+    options = dict(options)
+    method = options.pop("method")
+    results = []
+    for micro_batch in (None, 7, 1):  # 32 examples: one piece, 5 pieces (the last of 4), 32
+        model, x, y = head_problem()
+        est = make_estimator(method, model, F.cross_entropy, seed=6, epsilon=1e-4,
+                             micro_batch=micro_batch, **options) if method.startswith("zo") \
+            else make_estimator(method, model, F.cross_entropy, seed=6,
+                                micro_batch=micro_batch, **options)
+        stats = est.sgd_step(x, y, lr=0.1) if in_place else est.step(x, y)
+        after = [p.detach().clone() for p in model.parameters()]
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        results.append((stats, after, grads))
+    (whole, params, grads), *pieces = results
+    for stats, p_pieces, g_pieces in pieces:
+        assert stats["loss"] == pytest.approx(whole["loss"], rel=1e-12)
+        assert stats["dir_deriv_rms"] == pytest.approx(whole["dir_deriv_rms"], rel=1e-8,
+                                                       abs=1e-12)
+        for a, b in zip(params, p_pieces, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        for a, b in zip(grads, g_pieces, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
+
+
+def test_micro_batch_must_be_a_positive_integer():
+    model, _, _ = head_problem()
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="micro_batch must be a positive integer"):
+            make_estimator("fg-w", model, F.cross_entropy, micro_batch=bad)

@@ -146,6 +146,29 @@ class Estimator:
         return mix_seed(self.seed, self.steps_done)
 
 
+def check_micro_batch(micro_batch: int | None) -> int | None:
+    """``micro_batch`` if it is ``None`` or a positive integer, else a ``ValueError``."""
+    if micro_batch is None:
+        return None
+    if isinstance(micro_batch, bool) or int(micro_batch) != micro_batch or micro_batch < 1:
+        raise ValueError(f"micro_batch must be a positive integer (examples per forward "
+                         f"pass) or None, got {micro_batch!r}")
+    return int(micro_batch)
+
+
+def split_batch(inputs: Tensor, targets: Tensor, micro_batch: int | None
+                ) -> list[tuple[Tensor, Tensor, float]]:
+    """``(x_i, y_i, n_i / B)``: the batch in pieces of at most ``micro_batch`` examples (one
+    piece when ``None``). A mean loss over the batch is ``Σ (n_i / B) L_i``, and so is each
+    of its directional derivatives: evaluating a step piece by piece (the same directions for
+    every piece) gives the same estimate at the activation memory of one piece."""
+    b = inputs.shape[0]
+    if micro_batch is None or micro_batch >= b:
+        return [(inputs, targets, 1.0)]
+    return [(inputs[i:i + micro_batch], targets[i:i + micro_batch],
+             min(micro_batch, b - i) / b) for i in range(0, b, micro_batch)]
+
+
 def set_grad(param: Tensor, value: Tensor) -> None:
     """Write ``value`` into ``param.grad`` (reusing the buffer when there is one)."""
     if param.grad is None:
@@ -187,13 +210,16 @@ class ExactHead:
         return id(param) in self._ids
 
     def gradient(self, loss_fn: LossFn, feats: Tensor, targets: Tensor, *,
-                 wrt_features: bool = False) -> tuple[Tensor, Tensor | None]:
+                 wrt_features: bool = False, weight: float | None = None
+                 ) -> tuple[Tensor, Tensor | None]:
         """The loss ``loss_fn(head(feats), targets)``; writes the head's exact gradient into
         the ``.grad`` of its trainable parameters.
 
         Arguments:
             feats: ``(B, ..., p)`` the head's input (detached here: nothing flows back).
             wrt_features: also return ``∂L/∂feats`` (same shape), from the same backward.
+            weight: a piece of a batch (:func:`split_batch`): add ``weight ·`` the gradient
+                to ``.grad`` instead of writing it (the caller zeroes it first).
 
         Returns:
             ``(loss, ∂L/∂feats or None)``, both detached.
@@ -205,5 +231,15 @@ class ExactHead:
             wrt = [*params, h] if wrt_features else params
             grads = torch.autograd.grad(loss, wrt) if wrt else ()
         for p, g in zip(params, grads, strict=False):
-            set_grad(p, g)
+            if weight is None:
+                set_grad(p, g)
+            else:
+                assert p.grad is not None  # zeroed by the caller
+                p.grad.add_(g, alpha=weight)
         return loss.detach(), (grads[-1] if wrt_features else None)
+
+    def zero_grad(self) -> None:
+        """Zeroed ``.grad`` buffers for the head's trainable parameters."""
+        for p in self.head.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()

@@ -57,7 +57,14 @@ from ..autodiff import (
 from ..autodiff.directions import Factored, check_rank
 from ..autodiff.forward_mode import RowsFn
 from ..autodiff.rules import TangentFn, batched_jvp, dense, failure_message
-from .base import Estimator, ExactHead, register, set_grad
+from .base import (
+    Estimator,
+    ExactHead,
+    check_micro_batch,
+    register,
+    set_grad,
+    split_batch,
+)
 
 
 @register("fg-w")
@@ -79,6 +86,9 @@ class ForwardGradient(Estimator):
             :meth:`step` at K ≥ 2 when they take at most ``KEEP_DIRECTIONS_MIB`` MiB, and
             redraws in :meth:`sgd_step`. (At K = 1, :meth:`step` draws each direction into
             ``.grad``: nothing is drawn twice.)
+        micro_batch: evaluate a batch in pieces of at most this many examples, the same
+            directions for each (:func:`~forwardonly.estimators.base.split_batch`): the same
+            estimate at the activation memory of one piece (``None``: the whole batch).
     """
 
     #: ``keep_directions="auto"`` keeps a step's directions up to this size (MiB).
@@ -92,8 +102,9 @@ class ForwardGradient(Estimator):
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
                  distribution: str = "gaussian", direction_rank: int = 4,
                  exact_head: bool = False, keep_directions: bool | str = "auto",
-                 seed: int = 0) -> None:
+                 micro_batch: int | None = None, seed: int = 0) -> None:
         super().__init__(model, loss_fn, seed=seed)
+        self.micro_batch = check_micro_batch(micro_batch)
         if int(directions) < 1:
             raise ValueError(f"directions must be a positive integer, got {directions}")
         if keep_directions not in (True, False, "auto"):
@@ -158,6 +169,8 @@ class ForwardGradient(Estimator):
 
         def tangent(p: nn.Parameter) -> Tensor | Factored:
             i = index[id(p)]
+            if i in kept:  # a later piece of the batch
+                return kept[i]
             if sampler.is_factored(p.shape):
                 v: Tensor | Factored = sampler.factors(i, p, k)
             elif k == 1 and lr is None:  # straight into .grad: no second buffer, no redraw
@@ -171,18 +184,27 @@ class ForwardGradient(Estimator):
                 kept[i] = v
             return v
 
-        if self.exact_head is None and rows is not None:
-            loss, d = streamed_directional_derivative(self.model, self.loss_fn, inputs,
-                                                      targets, tangent, rows)
-        elif self.exact_head is None:
-            loss, d = directional_derivatives(self.model, self.loss_fn, inputs, targets,
-                                              tangent, k)
-        else:
-            if self.reduce is not None:
-                raise NotImplementedError(
-                    "exact_head does not yet combine the head's gradient across processes; "
-                    "run it in a single process, or drop exact_head")
-            loss, d = self._head_step(inputs, targets, params, tangent, k, rows)
+        def derivatives(x: Tensor, y: Tensor, weight: float | None) -> tuple[Tensor, Tensor]:
+            if self.exact_head is None and rows is not None:
+                return streamed_directional_derivative(self.model, self.loss_fn, x, y,
+                                                       tangent, rows)
+            if self.exact_head is None:
+                return directional_derivatives(self.model, self.loss_fn, x, y, tangent, k)
+            return self._head_step(x, y, params, tangent, k, rows, weight)
+
+        if self.exact_head is not None and self.reduce is not None:
+            raise NotImplementedError(
+                "exact_head does not yet combine the head's gradient across processes; "
+                "run it in a single process, or drop exact_head")
+        pieces = split_batch(inputs, targets, self.micro_batch)
+        if len(pieces) == 1:
+            loss, d = derivatives(inputs, targets, None)
+        else:  # the same directions for every piece; losses and derivatives weighted n_i/B
+            if self.exact_head is not None:
+                self.exact_head.zero_grad()
+            parts = [(w, *derivatives(x, y, w)) for x, y, w in pieces]
+            loss = torch.stack([w * part_loss for w, part_loss, _ in parts]).sum(0)
+            d = torch.stack([w * part_d for w, _, part_d in parts]).sum(0)
         if self.reduce is not None:
             loss, d = self.reduce(loss, d)
         coeffs = self.coefficients(d)
@@ -205,8 +227,8 @@ class ForwardGradient(Estimator):
         return {"loss": loss.item(), "dir_deriv_rms": d.pow(2).mean().sqrt().item()}
 
     def _head_step(self, inputs: Tensor, targets: Tensor, body: list[nn.Parameter],
-                   tangent: TangentFn, k: int, rows: RowsFn | None = None
-                   ) -> tuple[Tensor, Tensor]:
+                   tangent: TangentFn, k: int, rows: RowsFn | None = None,
+                   weight: float | None = None) -> tuple[Tensor, Tensor]:
         """Exact head: ``(loss, d)`` with ``d_k = ∂L/∂h · ḣ_k``; the head's ``.grad`` written.
         With ``rows`` (K = 1), the features' tangent is streamed (:func:`streamed_jvp`)."""
         assert self.exact_head is not None
@@ -217,7 +239,8 @@ class ForwardGradient(Estimator):
             h_dot = h_dot.unsqueeze(0)
         else:
             h, h_dot = features_jvp(self.model, features, body, inputs, tangent, k)
-        loss, dl_dh = self.exact_head.gradient(self.loss_fn, h, targets, wrt_features=True)
+        loss, dl_dh = self.exact_head.gradient(self.loss_fn, h, targets, wrt_features=True,
+                                               weight=weight)
         assert dl_dh is not None
         if h_dot is None:  # no body parameter is trainable: only the head learns
             return loss, torch.zeros(k, dtype=h.dtype, device=h.device)

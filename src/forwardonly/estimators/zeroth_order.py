@@ -51,7 +51,7 @@ from ..autodiff import DirectionSampler, LossFn
 from ..autodiff.directions import CHUNK_ENTRIES as _CHUNK_ENTRIES
 from ..autodiff.directions import check_rank
 from ..seeding import mix_seed
-from .base import Estimator, ExactHead, register
+from .base import Estimator, ExactHead, check_micro_batch, register, split_batch
 
 
 @register("zo")
@@ -71,6 +71,9 @@ class ZerothOrder(Estimator):
             (``True``), or draw them each time (``False``, MeZO's memory); ``"auto"`` keeps
             them in :meth:`step` when they take at most ``KEEP_DIRECTIONS_MIB`` MiB and
             redraws in the in-place :meth:`sgd_step`.
+        micro_batch: evaluate each loss in pieces of at most this many examples
+            (:func:`~forwardonly.estimators.base.split_batch`): the same estimate at the
+            activation memory of one piece (``None``: the whole batch).
     """
 
     #: ``keep_directions="auto"`` keeps a direction up to this size (MiB).
@@ -90,8 +93,10 @@ class ZerothOrder(Estimator):
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
                  distribution: str = "gaussian", direction_rank: int = 4,
                  exact_head: bool = False, epsilon: float = 1e-3,
-                 keep_directions: bool | str = "auto", seed: int = 0) -> None:
+                 keep_directions: bool | str = "auto", micro_batch: int | None = None,
+                 seed: int = 0) -> None:
         super().__init__(model, loss_fn, seed=seed)
+        self.micro_batch = check_micro_batch(micro_batch)
         if int(directions) < 1:
             raise ValueError(f"directions must be a positive integer, got {directions}")
         if keep_directions not in (True, False, "auto"):
@@ -172,17 +177,22 @@ class ZerothOrder(Estimator):
         # Every evaluation of a step sees the same random numbers (dropout masks); the
         # global RNG state is restored by ``estimate``.
         torch.random.default_generator.manual_seed(mix_seed(self.step_seed(), 0x5EED))
-        return self.loss_fn(self.model(inputs), targets).item()
+        return sum(w * self.loss_fn(self.model(x), y).item()
+                   for x, y, w in split_batch(inputs, targets, self.micro_batch))
 
     @torch.no_grad()
     def _loss_at_theta(self, inputs: Tensor, targets: Tensor) -> float:
         """``L(θ)``; with an exact head, also the head's exact gradient into its ``.grad``."""
-        if self.exact_head is None:
+        head = self.exact_head
+        if head is None:
             return self._loss(inputs, targets)
         torch.random.default_generator.manual_seed(mix_seed(self.step_seed(), 0x5EED))
-        feats = self.exact_head.features(inputs)
-        loss, _ = self.exact_head.gradient(self.loss_fn, feats, targets)
-        return loss.item()
+        pieces = split_batch(inputs, targets, self.micro_batch)
+        if len(pieces) > 1:
+            head.zero_grad()
+        return sum(w * head.gradient(self.loss_fn, head.features(x), y,
+                                     weight=None if len(pieces) == 1 else w)[0].item()
+                   for x, y, w in pieces)
 
     def directional(self, sampler: DirectionSampler, inputs: Tensor, targets: Tensor
                     ) -> tuple[float, float]:
