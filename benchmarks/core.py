@@ -167,7 +167,7 @@ def step_time(args: argparse.Namespace, res: Results) -> None:
 
 
 MEMORY_METHODS = ["inference", "bp", "fg-w", "fg-w rank1", "zo", "fg-w inplace",
-                  "fg-w rank1 inplace", "zo inplace"]
+                  "fg-w rank1 inplace", "fg-w inplace halves", "zo inplace"]
 # "mmap": large blocks straight from mmap, so freed memory leaves the resident set and the
 # peak tracks the live tensors; "default": glibc's own heuristics (what a user gets).
 ALLOCATORS = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
@@ -194,10 +194,12 @@ def memory_child(method: str, depth: int, width: int, batch: int) -> None:
         if method == "inference":
             with torch.no_grad():
                 F.cross_entropy(model(x), y)
-        else:  # "<method> [distribution] [inplace]"
+        else:  # "<method> [distribution] [inplace] [halves]"
             name, *rest = method.split()
-            dists = [r for r in rest if r != "inplace"]
-            opts = {"distribution": dists[0]} if dists else {}
+            dists = [r for r in rest if r not in ("inplace", "halves")]
+            opts: dict[str, Any] = {"distribution": dists[0]} if dists else {}
+            if "halves" in rest:  # the batch in two pieces (--micro-batch B/2)
+                opts["micro_batch"] = (batch + 1) // 2
             est = make_estimator(name, model, F.cross_entropy, **opts)
             if "inplace" in rest:  # --optimizer sgd-inplace: no gradient buffer
                 est.sgd_step(x, y, lr=1e-3)
@@ -241,7 +243,8 @@ def memory(args: argparse.Namespace, res: Results) -> None:
             "after importing torch and forwardonly, so it is the model plus the step's working "
             "memory. *default malloc* is glibc as a user gets it; *mmap malloc* sets "
             "`MALLOC_MMAP_THRESHOLD_=131072` so freed blocks leave the resident set. *inplace* = "
-            "`--optimizer sgd-inplace` (no `.grad`). Target: the sgd-inplace step's "
+            "`--optimizer sgd-inplace` (no `.grad`); *halves* = `--micro-batch` of half the "
+            "batch (the same estimate, two pieces). Target: the sgd-inplace step's "
             "own memory ≤ 1.5× inference's with the default allocator.\n\n"
             + md_table(header, table))
     res.write("memory", rows, title=f"Peak memory of one training step, MLP width "
