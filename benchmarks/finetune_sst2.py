@@ -53,10 +53,9 @@ METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
               [1e-3, 1e-2]),
     "bp": ({"method": "bp", "optimizer": "adam"}, [2e-5, 1e-4]),
     "zo": ({"method": "zo", "optimizer": "sgd-inplace"}, [1e-5, 1e-4]),
-    # sgd-inplace has one learning rate for the head and the body; the head's exact gradient
-    # needs a far larger one than the zeroth-order estimate, so this uses plain SGD (no
-    # momentum) with the head's rate 1000x: a gradient buffer (one model size) exists
-    "zo exact-head": ({"method": "zo", "exact_head": True, "optimizer": "sgd", "momentum": 0.0,
+    # MeZO with the head trained exactly, in place: the head's exact gradient needs a far
+    # larger rate than the zeroth-order estimate (1000x); only a head-sized .grad exists
+    "zo exact-head": ({"method": "zo", "exact_head": True, "optimizer": "sgd-inplace",
                        "head_lr_scale": 1000.0}, [1e-5, 1e-4]),
     "fg-w": ({"method": "fg-w", "optimizer": "sgd-inplace"}, [1e-5, 1e-4]),
     # the head learns at 10x the body's rate: with lr 1e-3 it gets the probe's chosen 1e-2

@@ -108,3 +108,13 @@ def test_text_data_goes_with_a_text_model():
     with pytest.raises(ConfigError, match="--max-length has no effect with --dataset digits"):
         from_dict({"max_length": 64})
     assert from_dict({"dataset": "sst2", "model": "minilm", "max_length": 64}).max_length == 64
+
+
+def test_in_place_head_rate_needs_an_exact_head():
+    with pytest.raises(ConfigError, match="--head-lr-scale needs --exact-head"):
+        from_dict({"method": "zo", "optimizer": "sgd-inplace", "head_lr_scale": 10.0})
+    config = from_dict({"method": "zo", "optimizer": "sgd-inplace", "head_lr_scale": 10.0,
+                        "exact_head": True})
+    assert config.head_lr_scale == 10.0
+    with pytest.raises(ConfigError, match="head_weight_decay needs a torch optimizer"):
+        from_dict({"method": "zo", "optimizer": "sgd-inplace", "head_weight_decay": 0.1})

@@ -231,10 +231,14 @@ class TrainConfig:
         if self.optimizer == "sgd-inplace" and not self.decay_biases:
             problems.append("--no-decay-biases needs a torch optimizer; use optimizer sgd or "
                             "adam")
-        if self.optimizer == "sgd-inplace" and (self.head_lr_scale != 1.0
-                                                or self.head_weight_decay is not None):
-            problems.append("head_lr_scale and head_weight_decay need a torch optimizer; use "
-                            "optimizer sgd or adam")
+        if self.optimizer == "sgd-inplace" and self.head_lr_scale != 1.0 \
+                and self.method in ("zo", "zo-sign", "fg-w", "fg-sign") and not self.exact_head:
+            problems.append(f"with --optimizer sgd-inplace, {self.method} updates the head in "
+                            f"place at the body's rate; --head-lr-scale needs --exact-head "
+                            f"there (the head's exact gradient gets its own rate)")
+        if self.optimizer == "sgd-inplace" and self.head_weight_decay is not None:
+            problems.append("head_weight_decay needs a torch optimizer; use optimizer sgd or "
+                            "adam (sgd-inplace takes --head-lr-scale)")
         if self.optimizer != "sgd" and self.momentum != default_of("momentum"):
             problems.append(f"--momentum has no effect with --optimizer {self.optimizer} (it "
                             f"is an option of optimizer sgd); drop it")

@@ -519,3 +519,24 @@ def test_micro_batch_must_be_a_positive_integer():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="micro_batch must be a positive integer"):
             make_estimator("fg-w", model, F.cross_entropy, micro_batch=bad)
+
+
+@pytest.mark.parametrize("method", ["zo", "fg-w"])
+def test_in_place_head_gets_its_own_learning_rate(method):
+    """sgd_step(head_lr=...): the body moves as at one rate, the exact head by −head_lr·∇."""
+    results = []
+    for head_lr in (None, 2.0):
+        model, x, y = head_problem()
+        exact = exact_grads(model, x, y)
+        est = make_estimator(method, model, F.cross_entropy, seed=1, exact_head=True)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        est.sgd_step(x, y, lr=0.1, head_lr=head_lr)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        assert all(p.grad is None for p in model.parameters())  # nothing left behind
+    plain, apart = results
+    for name in plain:
+        if name.startswith("head."):
+            torch.testing.assert_close(apart[name], before[name] - 2.0 * exact[name])
+            torch.testing.assert_close(plain[name], before[name] - 0.1 * exact[name])
+        else:
+            assert torch.equal(apart[name], plain[name])

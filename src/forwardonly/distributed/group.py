@@ -352,7 +352,7 @@ class RankWorker(Group):
         t = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)
         return int(self.all_reduce(t, "the finiteness check").item()) == 0
 
-    def sgd_step(self, x: Tensor, y: Tensor, lr: float, weight_decay: float
-                 ) -> dict[str, float]:
+    def sgd_step(self, x: Tensor, y: Tensor, lr: float, weight_decay: float,
+                 head_lr: float | None = None) -> dict[str, float]:
         raise ConfigError("--optimizer sgd-inplace is single-process only; use sgd or adam "
                           "with --distributed")

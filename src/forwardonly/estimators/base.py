@@ -86,23 +86,29 @@ class Estimator:
         return stats
 
     def sgd_step(self, inputs: Tensor, targets: Tensor, lr: float,
-                 weight_decay: float = 0.0) -> dict[str, float]:
+                 weight_decay: float = 0.0, head_lr: float | None = None) -> dict[str, float]:
         """One plain SGD step ``θ ← (1 − lr·wd)(θ − lr·g)`` applied in place.
 
         Estimators that can (``fg-w``, ``zo``) never materialize ``g``: they redraw each
         tensor's directions and add ``−lr·Σ_k c_k v_k`` straight into the parameter
         (MeZO-style), so a step needs about the memory of inference. Others fall back to
-        ``step()`` and then free ``.grad``.
+        ``step()`` and then free ``.grad``. ``head_lr``: the learning rate of the model's
+        ``head`` (e.g. trained with its exact gradient, ``exact_head``), if not ``lr``.
         """
         self._check_batch(inputs, targets)
         stats = self.estimate_inplace(inputs, targets, lr)
+        head = getattr(self.model, "head", None)
+        in_head = {id(p) for p in head.parameters()} \
+            if head_lr is not None and isinstance(head, nn.Module) else set()
         with torch.no_grad():
             for _, p in self.trainable():
+                rate = head_lr if id(p) in in_head else lr
+                assert rate is not None
                 if p.grad is not None:  # the fallback: apply and free the estimate
-                    p.add_(p.grad, alpha=-lr)
+                    p.add_(p.grad, alpha=-rate)
                     p.grad = None
                 if weight_decay:
-                    p.mul_(1.0 - lr * weight_decay)
+                    p.mul_(1.0 - rate * weight_decay)
         self.steps_done += 1
         return stats
 

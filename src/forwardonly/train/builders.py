@@ -98,11 +98,11 @@ def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """``adam`` (AdamW: decoupled weight decay), ``sgd`` (with momentum), or, for
-    ``sgd-inplace``, a plain SGD that only carries the schedule's learning rate (the
+    ``sgd-inplace``, a plain SGD that only carries the schedule's learning rates (the
     estimator applies the update itself; stepping it is a no-op)."""
-    if config.optimizer == "sgd-inplace":
-        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     groups = param_groups(config, model)
+    if config.optimizer == "sgd-inplace":
+        return torch.optim.SGD(groups, lr=config.lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)

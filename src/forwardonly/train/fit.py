@@ -273,7 +273,8 @@ def run_epoch(config: TrainConfig, worker: Worker, opt: torch.optim.Optimizer, s
 def _train_step(config: TrainConfig, worker: Worker, opt: torch.optim.Optimizer,
                 xb: Tensor, yb: Tensor) -> dict[str, float]:
     if config.optimizer == "sgd-inplace":  # no gradient buffer (MeZO-style)
-        stats = worker.sgd_step(xb, yb, opt.param_groups[0]["lr"], config.weight_decay)
+        lrs = [group["lr"] for group in opt.param_groups]  # the body's, the head's if apart
+        stats = worker.sgd_step(xb, yb, lrs[0], config.weight_decay, lrs[-1])
         opt.step()  # no parameter has a .grad, so a no-op; it keeps the schedule in order
         return stats
     opt.zero_grad(set_to_none=False)

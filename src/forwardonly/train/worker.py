@@ -61,8 +61,10 @@ class Worker(Protocol):
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """Fill ``.grad`` from the global mini-batch ``(x, y)``; its stats, equal everywhere."""
 
-    def sgd_step(self, x: Tensor, y: Tensor, lr: float, weight_decay: float) -> dict[str, float]:
-        """``θ ← θ − lr·g`` with no gradient buffer (``--optimizer sgd-inplace``)."""
+    def sgd_step(self, x: Tensor, y: Tensor, lr: float, weight_decay: float,
+                 head_lr: float | None = None) -> dict[str, float]:
+        """``θ ← θ − lr·g`` with no gradient buffer (``--optimizer sgd-inplace``); the
+        model's ``head`` at ``head_lr`` when given."""
 
     def clip_grad(self, max_norm: float) -> None:
         """Clip the global norm of the gradient estimate."""
@@ -127,8 +129,9 @@ class LocalWorker:
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         return self.estimator.step(x, y)
 
-    def sgd_step(self, x: Tensor, y: Tensor, lr: float, weight_decay: float) -> dict[str, float]:
-        return self.estimator.sgd_step(x, y, lr=lr, weight_decay=weight_decay)
+    def sgd_step(self, x: Tensor, y: Tensor, lr: float, weight_decay: float,
+                 head_lr: float | None = None) -> dict[str, float]:
+        return self.estimator.sgd_step(x, y, lr=lr, weight_decay=weight_decay, head_lr=head_lr)
 
     def clip_grad(self, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
