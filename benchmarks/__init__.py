@@ -63,6 +63,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "distributed": Benchmark(
         "benchmarks.distributed", "bytes per step and step time of data-parallel and "
         "stage-sharded training (real torchrun groups)", False),
+    "dimension-curse": Benchmark(
+        "benchmarks.dimension_curse", "`forwardonly experiment dimension-curse` against the "
+        "essay's own script, whole commands in fresh processes, interleaved", True),
 }
 
 __all__ = ["BENCHMARKS", "Benchmark"]

@@ -56,6 +56,24 @@ def test_report_collects_into_the_given_root(tmp_path: Path) -> None:
     assert "### Step time" in text and "step_time.csv" in text
 
 
+def test_dimension_curse_times_both_commands_and_writes_the_ratio(tmp_path: Path) -> None:
+    from benchmarks.__main__ import main
+
+    main(["dimension-curse", "--out", str(tmp_path), "--rounds", "1", "--warmup", "0",
+          "--threads", "1", "--pairs", "200", "--n-max", "6"])
+    folder = tmp_path / "dimension-curse"
+    with (folder / "speed.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["command"] for r in rows] == ["forwardonly", "essay script", "start-up only"]
+    ours = rows[0]
+    ratio = float(rows[1]["median_s"]) / float(ours["median_s"])
+    assert float(ours["essay_over_ours"]) == pytest.approx(ratio, rel=0.05, abs=0.01)
+    assert int(ours["pairs"]) == 3 * 200 and ours["threads"] == "1"
+    record = json.loads((folder / "speed.json").read_text())
+    assert record["command"].startswith("python -m benchmarks dimension-curse")
+    assert "essay / forwardonly" in (folder / "speed.md").read_text()
+
+
 def test_unknown_benchmark_is_refused() -> None:
     from benchmarks.__main__ import main
 

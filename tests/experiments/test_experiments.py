@@ -75,8 +75,7 @@ def test_write_csv_refuses_empty_rows(tmp_path: Path) -> None:
 
 # -- dimension curse ---------------------------------------------------------------------------
 def test_histogram_counts_sum_to_the_sample_count() -> None:
-    gen = torch.Generator().manual_seed(0)
-    cos = dc.sample_cos(7, 5_000, generator=gen)
+    cos = dc.sample_cos(7, 5_000, seed=0)
     counts = dc.histogram_abs_cos(cos, 100)
     assert counts.shape == (100,) and int(counts.sum()) == 5_000
     # Edge values: |cos| = 1 and round-off just above 1 land in the last bin, 0 in the first.
@@ -96,13 +95,38 @@ def test_histogram_sweep_counts_and_independence_of_n() -> None:
         assert seconds >= 0
 
 
+def test_histogram_sweep_does_not_depend_on_the_thread_count() -> None:
+    # Every n has its own stream, so sharing the n's among threads changes nothing.
+    ns = [4, 5, 17, 30]
+    one = dc.histogram_sweep(ns, 3_000, bins=20, seed=2, threads=1)
+    three = dc.histogram_sweep(ns, 3_000, bins=20, seed=2, threads=3)
+    assert torch.equal(one[0], three[0]) and one[1] == three[1]
+    other_seed = dc.histogram_sweep(ns, 3_000, bins=20, seed=3, threads=1)
+    assert not torch.equal(one[0], other_seed[0])
+    rows = dc.large_n_sweep([4, 50, 3_000], beta_samples=10, direct_pairs=200, direct_max=100,
+                            seed=1, threads=2)
+    assert [(r["n"], r["method"]) for r in rows] == [
+        (4, "gaussian-pairs"), (4, "beta"), (50, "gaussian-pairs"), (50, "beta"), (3_000, "beta")]
+    assert rows == dc.large_n_sweep([4, 50, 3_000], beta_samples=10, direct_pairs=200,
+                                    direct_max=100, seed=1, threads=1)
+
+
+def test_pairs_are_explicit_vectors_from_the_library_stream() -> None:
+    # sample_cos is cos(x, y) of the stream's entries laid out (2, n, pairs): x = [0], y = [1].
+    n, pairs = 6, 50
+    z = dc.gaussian_stream(11).normal((2, n, pairs)).double()
+    x, y = z[0].T, z[1].T
+    want = (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1))
+    torch.testing.assert_close(dc.sample_cos(n, pairs, seed=11).double(), want, rtol=1e-5,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("n", [3, 8, 40, 500, 2_000])
 def test_mean_cos2_within_3_standard_errors_of_1_over_n(n: int) -> None:
-    # E[cos²] = 1/n exactly; the check allows 3 standard errors of the sample mean.
-    gen = torch.Generator().manual_seed(n)
-    cos = dc.sample_cos(n, 20_000, generator=gen).double()
-    m = dc.moments(cos.square(), cos.abs())
+    # E[cos²] = 1/n and E|cos| = Γ(n/2) / (√π Γ((n+1)/2)); the checks allow 3 standard errors.
+    m = dc.cos_moments(dc.sample_cos(n, 20_000, seed=n))
     assert abs(m["mean_cos2"] - 1 / n) < 3 * m["se_mean_cos2"]
+    assert abs(m["mean_abs_cos"] - dc.exact_mean_abs_cos(n)) < 3 * m["se_mean_abs_cos"]
     # The same for the exact distribution cos² ~ Beta(1/2, (n-1)/2).
     b = dc.moments(dc.sample_cos2_beta(n, 20_000, rng=np.random.default_rng(n)))
     assert abs(b["mean_cos2"] - 1 / n) < 3 * b["se_mean_cos2"]
@@ -110,8 +134,7 @@ def test_mean_cos2_within_3_standard_errors_of_1_over_n(n: int) -> None:
 
 @pytest.mark.parametrize("n", [4, 50])
 def test_nested_samples_have_the_right_moments(n: int) -> None:
-    gen = torch.Generator().manual_seed(5)
-    cos = dc.sample_cos_nested([n, 60], 20_000, generator=gen)[0].double()
+    cos = dc.sample_cos_nested([n, 60], 20_000, seed=7)[0].double()
     m = dc.moments(cos.square(), cos.abs())
     assert abs(m["mean_cos2"] - 1 / n) < 3 * m["se_mean_cos2"]
     assert abs(m["mean_abs_cos"] - dc.exact_mean_abs_cos(n)) < 3 * m["se_mean_abs_cos"]
@@ -119,9 +142,8 @@ def test_nested_samples_have_the_right_moments(n: int) -> None:
 
 def test_chunked_sampling_for_large_n(monkeypatch: pytest.MonkeyPatch) -> None:
     # Force many chunks; the result must still be 64 valid cosines with E[cos²] ≈ 1/n.
-    monkeypatch.setattr(dc, "MAX_ELEMENTS", 4_000)
-    gen = torch.Generator().manual_seed(2)
-    cos = dc.sample_cos(1_000, 64, generator=gen)
+    monkeypatch.setattr(dc, "CHUNK_ELEMENTS", 4_000)
+    cos = dc.sample_cos(1_000, 64, seed=2)
     assert cos.shape == (64,) and bool((cos.abs() <= 1).all())
     assert abs(cos.double().square().mean().item() - 1e-3) < 6e-4  # ~3.5 s.e. (s.e. 1.8e-4)
 
