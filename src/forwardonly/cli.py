@@ -214,10 +214,11 @@ def _resume_arg(value: str) -> bool | str:
     raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {value!r}")
 
 
-def build_parser(command: str | None = None, full_help: bool = False
-                 ) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, full_help: bool = False,
+                 experiment: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``command`` given, only its subparser is filled in (the others then
-    need no imports: ``forwardonly --help`` does not load torch)."""
+    need no imports: ``forwardonly --help`` does not load torch), and with ``experiment``
+    (a known name) only that experiment's module is imported."""
     parser = argparse.ArgumentParser(prog="forwardonly", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -260,7 +261,9 @@ def build_parser(command: str | None = None, full_help: bool = False
         from .experiments import EXPERIMENTS
 
         exp_sub = p.add_subparsers(dest="experiment", required=True, metavar="NAME")
-        for name, module_path in EXPERIMENTS.items():
+        chosen = {experiment: EXPERIMENTS[experiment]} if experiment in EXPERIMENTS \
+            else EXPERIMENTS  # all of them for the list in --help (or an unknown name)
+        for name, module_path in chosen.items():
             module = importlib.import_module(module_path)
             doc = (module.__doc__ or "").strip()
             e = exp_sub.add_parser(name, help=doc.splitlines()[0] if doc else name,
@@ -287,8 +290,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    words = [a for a in argv if not a.startswith("-")]
+    experiment = words[1] if command == "experiment" and len(words) > 1 else None
     parser = build_parser(command if command in COMMANDS else "",
-                          full_help=any(a in ("-h", "--help") for a in argv))
+                          full_help=any(a in ("-h", "--help") for a in argv),
+                          experiment=experiment)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -49,6 +49,7 @@ tangents ``(K, *shape)`` per layer ``index`` from the generator of that index
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -247,8 +248,20 @@ _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 def _eager(fn: _Fn) -> _Fn:
     """``fn`` runs eagerly inside a ``torch.compile``'d step (a graph break): seeds are integer
-    hashes and Gaussian entries come from numpy's bit stream, neither of which may be traced."""
-    return cast(_Fn, torch.compiler.disable(fn))
+    hashes and Gaussian entries come from numpy's bit stream, neither of which may be traced.
+    ``torch.compiler.disable`` is applied only when tracing (importing ``torch._dynamo`` at
+    import time would cost every command about a second)."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return cast(_Fn, run)
 
 
 @dataclass(frozen=True)
