@@ -24,7 +24,8 @@ naming the module.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -80,10 +81,18 @@ def _whole_model(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, tangen
     def f(params: dict[str, Tensor]) -> Tensor:
         return loss_fn(functional_call(model, {**frozen, **params}, (x,)), y)
 
+    with _naming_failures(model):
+        return batched_jvp(f, trainable, tangents, k)
+
+
+@contextmanager
+def _naming_failures(model: nn.Module) -> Iterator[None]:
+    """Turn a forward-mode failure into a :class:`ForwardModeError` that names the innermost
+    module running when it happened."""
     current: list[str] = []
     hooks = _track_modules(model, current)
     try:
-        return batched_jvp(f, trainable, tangents, k)
+        yield
     except (RuntimeError, NotImplementedError) as exc:
         where = current[-1] if current else "the model's forward"
         raise ForwardModeError(failure_message(where, exc)) from exc
@@ -181,16 +190,11 @@ def streamed_jvp(model: nn.Module, run: Callable[[], Tensor], tangent: TangentFn
 
     hooks = [h for m in owned for h in (m.register_forward_pre_hook(enter),
                                         m.register_forward_hook(leave))]
-    current: list[str] = []
-    hooks += _track_modules(model, current)
     try:
-        with torch.no_grad(), fwAD.dual_level():
+        with _naming_failures(model), torch.no_grad(), fwAD.dual_level():
             primal, out_dot = fwAD.unpack_dual(run())
             primal = primal.clone()  # outlives the dual level
             out_dot = torch.zeros_like(primal) if out_dot is None else out_dot.clone()
-    except (RuntimeError, NotImplementedError) as exc:
-        where = current[-1] if current else "the model's forward"
-        raise ForwardModeError(failure_message(where, exc)) from exc
     finally:
         for hook in hooks:
             hook.remove()
