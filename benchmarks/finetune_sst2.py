@@ -330,11 +330,12 @@ def run_config(label: str, lr: float, epochs: int, per_class: int | None,
         "model_path": args.model_path, "train_subset": per_class, "max_length": 128,
         "batch_size": args.batch, "epochs": epochs, "lr": lr, "schedule": "constant",
         "eval_batch_size": 32, "train_eval_size": 256, "threads": args.threads, "seed": 0,
+        "epoch_size": args.full_epoch_size if per_class is None else None,
         "progress": False, "out": str(run_dir), **opts})
 
 
 def run_tag(label: str, lr: float, per_class: int | None, args: argparse.Namespace) -> str:
-    size = "full" if per_class is None else f"k{per_class}"
+    size = f"full-e{args.full_epoch_size}" if per_class is None else f"k{per_class}"
     return f"{size}-b{args.batch}-{label.replace(' ', '-')}-lr{lr:g}"
 
 
@@ -393,9 +394,9 @@ def choose(label: str, lrs: list[float], per_class: int | None, args: argparse.N
     return min(scored)[1] if scored else None
 
 
-def steps_per_epoch(per_class: int | None, batch: int) -> int:
-    n = 67349 if per_class is None else 2 * per_class
-    return math.ceil(n / batch)
+def steps_per_epoch(per_class: int | None, args: argparse.Namespace) -> int:
+    n = args.full_epoch_size if per_class is None else 2 * per_class
+    return math.ceil(n / args.batch)
 
 
 def write_accuracy(args: argparse.Namespace, res: Results) -> None:
@@ -403,7 +404,7 @@ def write_accuracy(args: argparse.Namespace, res: Results) -> None:
     sweep, final = [], []
     for per_class in [None if k == 0 else k for k in args.per_class]:
         n_train = 67349 if per_class is None else 2 * per_class
-        spe = steps_per_epoch(per_class, args.batch)
+        spe = steps_per_epoch(per_class, args)
         for label in METHODS:
             lrs = args.lrs or METHODS[label][1]
             best = choose(label, lrs, per_class, args, res)
@@ -517,6 +518,9 @@ def arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2, help="speed: steps per method per round")
     p.add_argument("--per-class", type=int, nargs="+", default=[512],
                    help="accuracy: training examples per class (0 = the full training set)")
+    p.add_argument("--full-epoch-size", type=int, default=4096,
+                   help="accuracy on the full training set (--per-class 0): examples per "
+                        "epoch (--epoch-size; an evaluation every 256 steps at batch 16)")
     p.add_argument("--sweep-epochs", type=int, default=2,
                    help="accuracy: epochs each candidate learning rate trains before the "
                         "choice on dev")

@@ -137,7 +137,13 @@ class TrainConfig:
     warmup_epochs: float = _f(0.0, "Linear warmup length in epochs (fractions allowed).")
     clip_grad: float | None = _f(None, "Clip the gradient estimate's global norm to this value.")
     batch_size: int = _f(64, "Training mini-batch size.")
-    epochs: int = _f(10, "Number of passes over the training set.")
+    epochs: int = _f(10, "Number of passes over the training set (of --epoch-size examples "
+                     "each, when set).")
+    epoch_size: int | None = _f(None, "Examples per epoch: each epoch trains on the first N "
+                                "of its own shuffle of the training set (another random N "
+                                "every epoch), then evaluates and checkpoints. On a large "
+                                "set: a step budget of epochs x N / batch-size and an "
+                                "evaluation every N examples. Unset: the whole set.")
     eval_batch_size: int = _f(1000, "Batch size for evaluation (no effect on results).")
     train_eval_size: int | None = _f(None, "Measure the train error on the first N training "
                                      "examples only (unset: all of them, which on large sets "
@@ -244,7 +250,7 @@ class TrainConfig:
                             f"is an option of optimizer sgd); drop it")
         if self.warmup_epochs > self.epochs:
             problems.append(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
-        for name in ("train_eval_size", "stop_after", "train_subset"):
+        for name in ("train_eval_size", "stop_after", "train_subset", "epoch_size"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 problems.append(f"{name} must be at least 1 when set; got {v}")

@@ -423,3 +423,20 @@ def test_init_from_starts_from_another_runs_weights(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint at"):
         fit(cfg(tmp_path, epochs=1, method="bp", init_from=str(tmp_path / "nowhere"),
                 out=str(tmp_path / "fourth")), log=lambda s: None)
+
+
+def test_epoch_size_trains_on_a_new_random_part_of_the_set_each_epoch(tmp_path):
+    config = cfg(tmp_path, epochs=3, method="fg-w", batch_size=32, epoch_size=100,
+                 schedule="constant")
+    result = fit(config, log=lambda s: None)
+    assert result.estimator.steps_done == 3 * 4  # ceil(100 / 32) steps per epoch
+    assert [r["epoch"] for r in result.rows] == [1, 2, 3]
+    # the same run cut in two and resumed: bit-identical (the part is drawn from (seed, epoch))
+    fit(dataclasses.replace(config, out=str(tmp_path / "cut"), stop_after=1),
+        log=lambda s: None)
+    resumed = fit(dataclasses.replace(config, out=str(tmp_path / "cut")), resume=True,
+                  log=lambda s: None)
+    assert _same_state(_params(tmp_path / "cut"), _params(tmp_path / "run"))
+    assert [r["train_loss"] for r in resumed.rows] == [r["train_loss"] for r in result.rows]
+    with pytest.raises(ConfigError, match="epoch_size must be at least 1"):
+        from_dict({"epoch_size": 0})

@@ -145,7 +145,8 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
         size = sum(p.numel() for p in worker.module.parameters())
         torch.set_num_threads(auto_threads(config.batch_size * size))
     opt = make_optimizer(config, worker.module)
-    sched = make_schedule(config, opt, math.ceil(len(data.train_x) / config.batch_size))
+    per_epoch = min(config.epoch_size or len(data.train_x), len(data.train_x))
+    sched = make_schedule(config, opt, math.ceil(per_epoch / config.batch_size))
     rows: list[dict[str, Any]] = []
     start = 1
     if state is not None:
@@ -232,19 +233,20 @@ def _restore(config: TrainConfig, worker: Worker, opt: torch.optim.Optimizer, sc
 def run_epoch(config: TrainConfig, worker: Worker, opt: torch.optim.Optimizer, sched: Any,
               x: Tensor, y: Tensor, epoch: int, run_dir: Path,
               watch: _LossWatch | None = None) -> dict[str, Any]:
-    """One pass over ``(x, y)`` in the order drawn from ``(seed, epoch)``; the epoch's metrics
-    row (means weighted by batch size, seconds, samples/s, lr)."""
+    """One pass over ``(x, y)`` in the order drawn from ``(seed, epoch)`` (over its first
+    ``epoch_size`` examples, when set); the epoch's metrics row (means weighted by batch size,
+    seconds, samples/s, lr)."""
     worker.module.train()
     augment = None
     if config.augment:  # drawn from (seed, epoch) on the data's device: a resumed run alike
         gen = torch.Generator(device=x.device).manual_seed(mix_seed(config.seed, epoch, 1))
         augment = augmenter(config.augment, gen)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(
-        mix_seed(config.seed, epoch))).to(x.device)
+        mix_seed(config.seed, epoch)))[:config.epoch_size].to(x.device)  # --epoch-size
     sums: dict[str, float] = {}
     seen = 0
     t0 = time.perf_counter()
-    bar = tqdm(range(0, len(x), config.batch_size), desc=f"epoch {epoch}/{config.epochs}",
+    bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}/{config.epochs}",
                disable=not config.progress, leave=False, unit="batch")
     for i in bar:
         idx = order[i:i + config.batch_size]
