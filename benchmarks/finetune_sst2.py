@@ -373,7 +373,7 @@ def accuracy(args: argparse.Namespace, res: Results) -> None:
         for label in labels:
             lrs = args.lrs or METHODS[label][1]
             for lr in lrs:  # the sweep: every candidate for --sweep-epochs
-                train_to(label, lr, args.sweep_epochs, per_class, args, res)
+                train_to(label, lr, sweep_epochs(per_class, args), per_class, args, res)
             best = choose(label, lrs, per_class, args, res)
             if best is not None:  # the chosen one, continued
                 train_to(label, best, args.epochs, per_class, args, res)
@@ -387,11 +387,16 @@ def choose(label: str, lrs: list[float], per_class: int | None, args: argparse.N
     scored = []
     for lr in lrs:
         rows = done_rows(res.run_dir(run_tag(label, lr, per_class, args)))
-        if len(rows) >= args.sweep_epochs:
-            scored.append((rows[args.sweep_epochs - 1]["val_error"], lr))
+        if len(rows) >= sweep_epochs(per_class, args):
+            scored.append((rows[sweep_epochs(per_class, args) - 1]["val_error"], lr))
     if len(scored) < len(lrs) and not scored:
         return None
     return min(scored)[1] if scored else None
+
+
+def sweep_epochs(per_class: int | None, args: argparse.Namespace) -> int:
+    """Epochs each candidate learning rate trains before the choice on dev."""
+    return args.full_sweep_epochs if per_class is None else args.sweep_epochs
 
 
 def steps_per_epoch(per_class: int | None, args: argparse.Namespace) -> int:
@@ -414,9 +419,10 @@ def write_accuracy(args: argparse.Namespace, res: Results) -> None:
                 diverged = (run_dir / "DIVERGED").is_file()
                 if not rows and not diverged:
                     continue
-                at = rows[min(args.sweep_epochs, len(rows)) - 1] if rows else None
+                swept = min(sweep_epochs(per_class, args), len(rows))
+                at = rows[swept - 1] if rows else None
                 sweep.append({"method": label, "train_examples": n_train, "lr": lr,
-                              "steps": (min(args.sweep_epochs, len(rows)) * spe),
+                              "steps": swept * spe,
                               "dev_accuracy": "" if at is None else
                               round(100 * (1 - at["val_error"]), 2),
                               "diverged": diverged, "chosen": lr == best})
@@ -449,15 +455,18 @@ def write_accuracy(args: argparse.Namespace, res: Results) -> None:
             "1,821 labelled test sentences, reported for the chosen learning rate only. *steps* "
             "= optimizer steps taken (the budget differs per method: each ran what fitted "
             "this 2-core machine; runs continue with `--resume`). Train seconds exclude "
-            "evaluation.\n\n" + table + "\n\n" + accuracy_verdict(final) + "\n\n"
-            f"Learning-rate sweep (dev accuracy after {args.sweep_epochs} epoch(s); the ✓ row "
-            "was continued):\n\n" + sweep_md)
+            "evaluation.\n\n" + table + "\n\n" + accuracy_verdict(final, sweep) + "\n\n"
+            f"Learning-rate sweep (dev accuracy after {args.sweep_epochs} epoch(s) on K per "
+            f"class, {args.full_sweep_epochs} epoch(s) of {args.full_epoch_size} examples on "
+            "the full set; the ✓ row was continued):\n\n" + sweep_md)
     res.write("accuracy", final, title="Fine-tuning MiniLM on SST-2: dev and test accuracy "
               "at a stated step budget", text=text, notes={"section": "accuracy"})
     combine(res)
 
 
-def accuracy_verdict(final: list[dict[str, Any]]) -> str:
+def accuracy_verdict(final: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> str:
+    """The targets per training-set size. bp is taken at its best dev accuracy in any of its
+    runs (the chosen one, or a sweep candidate that did better): the stricter yardstick."""
     lines = []
     for n in sorted({r["train_examples"] for r in final}):
         rows = {r["method"]: r for r in final if r["train_examples"] == n}
@@ -465,12 +474,15 @@ def accuracy_verdict(final: list[dict[str, Any]]) -> str:
         if not fo or "probe" not in rows or "bp" not in rows:
             continue
         best = max(fo, key=lambda r: r["dev_accuracy"])
-        probe, bp = rows["probe"]["dev_accuracy"], rows["bp"]["dev_accuracy"]
+        probe = rows["probe"]["dev_accuracy"]
+        bp_runs = [r["dev_accuracy"] for r in sweep if r["method"] == "bp"
+                   and r["train_examples"] == n and r["dev_accuracy"] != ""]
+        bp = max([rows["bp"]["dev_accuracy"], *bp_runs])
         gain, gap = best["dev_accuracy"] - probe, bp - best["dev_accuracy"]
         lines.append(
             f"{n} training examples: best forward-only on dev = *{best['method']}* "
             f"{best['dev_accuracy']}% after {best['steps']} steps; linear probe {probe}%, bp "
-            f"{bp}% ({rows['bp']['steps']} steps). Beats the probe by ≥ 3 points: "
+            f"{bp}% (its best dev accuracy in any run). Beats the probe by ≥ 3 points: "
             f"{'met' if gain >= 3 else 'not met'} ({gain:+.2f}); within 2 points of bp: "
             f"{'met' if gap <= 2 else 'not met'} (gap {gap:.2f}).")
     return "\n\n".join(lines)
@@ -524,6 +536,9 @@ def arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-epochs", type=int, default=2,
                    help="accuracy: epochs each candidate learning rate trains before the "
                         "choice on dev")
+    p.add_argument("--full-sweep-epochs", type=int, default=1,
+                   help="accuracy: --sweep-epochs on the full training set (epochs of "
+                        "--full-epoch-size examples)")
     p.add_argument("--epochs", type=int, default=10,
                    help="accuracy: epochs of the chosen learning rate (continued with resume)")
     p.add_argument("--lrs", type=float, nargs="+", default=None,
