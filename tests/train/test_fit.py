@@ -440,3 +440,17 @@ def test_epoch_size_trains_on_a_new_random_part_of_the_set_each_epoch(tmp_path):
     assert [r["train_loss"] for r in resumed.rows] == [r["train_loss"] for r in result.rows]
     with pytest.raises(ConfigError, match="epoch_size must be at least 1"):
         from_dict({"epoch_size": 0})
+
+
+def test_by_length_orders_text_examples_and_keeps_their_labels():
+    from forwardonly.train.fit import by_length
+
+    pad = 0
+    x = torch.tensor([[5, 6, 7, 0], [8, 0, 0, 0], [9, 9, 0, 0], [1, 2, 3, 4], [3, 0, 0, 0]])
+    y = torch.tensor([3, 1, 2, 4, 0])
+    xs, ys = by_length(x, y, pad)
+    lengths = (xs != pad).sum(dim=1)
+    assert lengths.tolist() == sorted(lengths.tolist())
+    assert sorted(zip(map(tuple, xs.tolist()), ys.tolist())) == sorted(
+        zip(map(tuple, x.tolist()), y.tolist()))  # the same pairs, reordered
+    assert ys.tolist() == [1, 0, 2, 3, 4]  # stable among equal lengths

@@ -168,6 +168,12 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
     if data.val_x is not None and data.val_y is not None:
         val_x, val_y = data.val_x.to(device), data.val_y.to(device)
     n_eval = config.train_eval_size or len(data.train_x)
+    train_ex, train_ey = train_x[:n_eval], train_y[:n_eval]
+    if data.pad_id is not None:  # text: evaluated shortest first, less padding, same errors
+        train_ex, train_ey = by_length(train_ex, train_ey, data.pad_id)
+        test_x, test_y = by_length(test_x, test_y, data.pad_id)
+        if val_x is not None and val_y is not None:
+            val_x, val_y = by_length(val_x, val_y, data.pad_id)
     watch = _LossWatch(log)
     for epoch in range(start, config.epochs + 1):
         if config.stop_after is not None and epoch - start >= config.stop_after:
@@ -176,8 +182,7 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
             break
         with _memory_errors(config):
             row = run_epoch(config, worker, opt, sched, train_x, train_y, epoch, run_dir, watch)
-            row["train_error"] = worker.error_rate(train_x[:n_eval], train_y[:n_eval],
-                                                   config.eval_batch_size)
+            row["train_error"] = worker.error_rate(train_ex, train_ey, config.eval_batch_size)
             if val_x is not None and val_y is not None:
                 row["val_error"] = worker.error_rate(val_x, val_y, config.eval_batch_size)
             row["test_error"] = worker.error_rate(test_x, test_y, config.eval_batch_size)
@@ -204,6 +209,14 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
             f"test err {100 * row['test_error']:.2f}%  "
             f"({row['seconds']:.1f}s, {row['samples_per_s']:.0f} samples/s)")
     return RunResult(run_dir, rows, worker.module, worker.estimator)
+
+
+def by_length(x: Tensor, y: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token-id examples ``x`` (right-padded with ``pad_id``) and their labels, ordered by
+    length: evaluation batches then hold sentences of similar length, and a model that trims
+    each batch to its longest sentence computes on little padding."""
+    order = torch.argsort((x != pad_id).sum(dim=1), stable=True)
+    return x[order], y[order]
 
 
 def _restore(config: TrainConfig, worker: Worker, opt: torch.optim.Optimizer, sched: Any,
