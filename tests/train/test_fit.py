@@ -451,6 +451,6 @@ def test_by_length_orders_text_examples_and_keeps_their_labels():
     xs, ys = by_length(x, y, pad)
     lengths = (xs != pad).sum(dim=1)
     assert lengths.tolist() == sorted(lengths.tolist())
-    assert sorted(zip(map(tuple, xs.tolist()), ys.tolist())) == sorted(
-        zip(map(tuple, x.tolist()), y.tolist()))  # the same pairs, reordered
+    assert sorted(zip(map(tuple, xs.tolist()), ys.tolist(), strict=True)) == sorted(
+        zip(map(tuple, x.tolist()), y.tolist(), strict=True))  # the same pairs, reordered
     assert ys.tolist() == [1, 0, 2, 3, 4]  # stable among equal lengths
