@@ -91,6 +91,19 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nothing")]) == 2
 
 
+def test_experiment_settings_out_of_range_are_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error, before any work
+        main(["experiment", "dimension-curse", "--pairs", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--pairs: must be at least 1, got 0" in capsys.readouterr().err
+    # a check inside the experiment (n-min above n-max) is a one-line error too
+    code = main(["experiment", "dimension-curse", "--n-min", "9", "--n-max", "5",
+                 "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "experiment dimension-curse: need 2 <= --n-min <= --n-max" in err
+
+
 def test_defaults_are_valid():
     TrainConfig().validate()
 

@@ -204,7 +204,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     import importlib
 
-    importlib.import_module(args.experiment_module).run(args)
+    from .config import ConfigError
+
+    try:
+        importlib.import_module(args.experiment_module).run(args)
+    except ValueError as exc:  # the experiments' checks of their settings: a user error
+        raise ConfigError(f"experiment {args.experiment}: {exc}") from exc
     return 0
 
 

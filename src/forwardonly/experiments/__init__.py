@@ -14,9 +14,10 @@ running an experiment does not touch the caller's matplotlib backend.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +38,21 @@ def load_experiment(name: str) -> ModuleType:
         valid = ", ".join(repr(n) for n in sorted(EXPERIMENTS))
         raise ValueError(f"experiment must be one of {valid}, got {name!r}")
     return importlib.import_module(EXPERIMENTS[name])
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An ``argparse`` type: an integer of at least ``low``, else a clear usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:

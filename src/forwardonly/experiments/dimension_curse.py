@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from forwardonly.experiments import torch_threads, write_csv
+from forwardonly.experiments import at_least, torch_threads, write_csv
 from forwardonly.seeding import mix_seed
 
 if TYPE_CHECKING:
@@ -357,26 +357,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/dimension-curse"),
                         help="folder for dimension_curse.png and the CSV files")
     parser.add_argument("--seed", type=int, default=0, help="seed of all random draws")
-    parser.add_argument("--n-min", type=int, default=4, help="smallest n of the histograms")
-    parser.add_argument("--n-max", type=int, default=79, help="largest n of the histograms")
-    parser.add_argument("--pairs", type=int, default=100_000,
+    parser.add_argument("--n-min", type=at_least(2), default=4, help="smallest n of the histograms")
+    parser.add_argument("--n-max", type=at_least(2), default=79, help="largest n of the histograms")
+    parser.add_argument("--pairs", type=at_least(1), default=100_000,
                         help="Gaussian pairs per n for the histograms (fresh for every n)")
-    parser.add_argument("--bins", type=int, default=100, help="histogram bins on [0, 1]")
+    parser.add_argument("--bins", type=at_least(1), default=100, help="histogram bins on [0, 1]")
     parser.add_argument("--sampling", choices=("independent", "nested"), default="independent",
                         help="independent: fresh pairs for every n (the essay's way); nested: "
                         "every n from prefixes of one draw in dimension --n-max (faster, the "
                         "curves then share samples)")
-    parser.add_argument("--large-n-max", type=int, default=1_000_000,
+    parser.add_argument("--large-n-max", type=at_least(2), default=1_000_000,
                         help="largest n of the second panel")
-    parser.add_argument("--per-decade", type=int, default=6,
+    parser.add_argument("--per-decade", type=at_least(1), default=6,
                         help="points per factor of 10 in n on the second panel")
-    parser.add_argument("--beta-samples", type=int, default=100_000,
+    parser.add_argument("--beta-samples", type=at_least(1), default=100_000,
                         help="samples of cos² ~ Beta(1/2,(n-1)/2) per n on the second panel")
-    parser.add_argument("--direct-pairs", type=int, default=1_000,
+    parser.add_argument("--direct-pairs", type=at_least(0), default=1_000,
                         help="explicit Gaussian pairs per n on the second panel (0: none)")
-    parser.add_argument("--direct-max", type=int, default=10_000,
+    parser.add_argument("--direct-max", type=at_least(2), default=10_000,
                         help="largest n for which the second panel also samples Gaussian pairs")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=at_least(1), default=None,
                         help="threads that sample the Gaussian pairs, each taking whole n's "
                         "(default: torch's thread count: all cores, or $OMP_NUM_THREADS); the "
                         "numbers do not depend on it")
@@ -387,7 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"need 2 <= --n-min <= --n-max, got {args.n_min} and {args.n_max}")
     out: Path = args.out
     ns = list(range(args.n_min, args.n_max + 1))
-    threads = args.threads or torch.get_num_threads()
+    threads = torch.get_num_threads() if args.threads is None else args.threads
     if threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     counts, hist_stats, seconds = histogram_sweep(

@@ -51,10 +51,9 @@ def init_from(model: nn.Module, source: str | Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:4]
         raise ConfigError(f"--init-from {source}: its model has another shape than this "
-                          f"run's ({'; '.join(lines)}); start from a run of the same --model "
-                          f"and dataset") from exc
+                          f"run's ({checkpoint.shape_mismatch(exc)}); start from a run of "
+                          f"the same --model and dataset") from exc
 
 
 def estimator_for(config: TrainConfig, model: nn.Module) -> Estimator:

@@ -35,6 +35,12 @@ def save(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def shape_mismatch(exc: BaseException) -> str:
+    """The first lines of ``load_state_dict``'s error (which tensors differ), joined."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:4]
+    return "; ".join(lines) or str(exc)
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

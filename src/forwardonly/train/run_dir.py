@@ -121,8 +121,7 @@ def load_model_state(model: Any, state: dict[str, Any], path: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:4]
         raise checkpoint.CheckpointError(
             f"{path} holds a model of another shape than its run's config.yaml builds "
-            f"({'; '.join(lines) or exc}); the config or the checkpoint was replaced. Restore "
-            f"the matching pair, or start a new run") from exc
+            f"({checkpoint.shape_mismatch(exc)}); the config or the checkpoint was replaced. "
+            f"Restore the matching pair, or start a new run") from exc
