@@ -12,7 +12,8 @@ commands draw it, each in a fresh process, so that starting Python and importing
   PNG), run as ``python essay_script.py``.
 
 Beside them, *start-up only* times ``python -m forwardonly experiment dimension-curse --help``:
-what the command costs before it computes anything (Python, torch and the CLI's imports).
+what the command costs before it computes anything (Python and the CLI's imports; the
+experiment itself imports numpy and matplotlib, not torch).
 
 The thread count is set for both through ``OMP_NUM_THREADS`` (and the BLAS variables), one
 measurement per ``--threads`` value; per round the commands run one after the other, the order
@@ -193,8 +194,9 @@ def run(name: str, args: argparse.Namespace, res: Results) -> None:
         "two-panel PNG); *essay script* = the essay's script written the straightforward way "
         "(numpy `randn` pairs, `np.histogram`, one pyplot curve per n, a PNG; its text is "
         "`ESSAY_SCRIPT` in `benchmarks/dimension_curse.py`). *start-up only* = the same "
-        "command with `--help`: Python, torch and the CLI's imports, before any work; essay "
-        "/ start-up is the most any command that starts this way could reach. Threads "
+        "command with `--help`: Python and the CLI's imports, before any work (the experiment "
+        "is numpy and matplotlib: it never imports torch); essay / start-up is the most any "
+        "command that starts this way could reach. Threads "
         "set for both through `OMP_NUM_THREADS`; the commands interleaved, order alternating, "
         f"{args.rounds} rounds after {args.warmup} warm-up; seconds are wall-clock medians "
         f"(range); *essay panel s* is forwardonly's own report of sampling and binning the "

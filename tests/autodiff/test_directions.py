@@ -1,5 +1,6 @@
 """Direction samplers: reproducible from (seed, step, tensor), E[v] = 0 and E[v vᵀ] = I."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -455,3 +456,22 @@ def test_pieces_on_the_test_device(distribution, device):
     expected = p.clone().add_(whole, alpha=0.5)
     s.add_to(0, p, 0.5, 1000)
     assert torch.equal(p, expected)
+
+
+def test_numpy_stream_draws_the_same_entries_as_the_tensor_stream():
+    """forwardonly.gaussian (numpy only) and the tensor stream: the same entries, in float32
+    and float64, over consecutive draws and skips."""
+    from forwardonly import gaussian
+
+    for dtype, np_dtype in ((torch.float32, np.float32), (torch.float64, np.float64)):
+        a, b = GaussianStream(5), gaussian.GaussianStream(5)
+        for size in (3, 4096, 70_001):
+            want = a.normal((size,), dtype=dtype)
+            assert np.array_equal(b.array(size, np_dtype), want.numpy())
+        a.skip(8)
+        b.skip(8)
+        assert np.array_equal(b.array((2, 3), np_dtype), a.normal((2, 3), dtype=dtype).numpy())
+    out = np.empty((4, 5), dtype=np.float32)
+    assert gaussian.GaussianStream(9).array((4, 5), out=out) is out
+    with pytest.raises(ValueError, match="C-contiguous"):
+        gaussian.GaussianStream(9).array((5, 4), out=out.T)

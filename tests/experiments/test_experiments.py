@@ -10,6 +10,8 @@ import argparse
 import csv
 import importlib
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +81,7 @@ def test_histogram_counts_sum_to_the_sample_count() -> None:
     counts = dc.histogram_abs_cos(cos, 100)
     assert counts.shape == (100,) and int(counts.sum()) == 5_000
     # Edge values: |cos| = 1 and round-off just above 1 land in the last bin, 0 in the first.
-    edge = torch.tensor([-1.0, 1.0, 1.0000001, 0.0, -0.0, 0.5])
+    edge = np.array([-1.0, 1.0, 1.0000001, 0.0, -0.0, 0.5], dtype=np.float32)
     counts = dc.histogram_abs_cos(edge, 10)
     assert int(counts.sum()) == 6
     assert counts[-1] == 3 and counts[0] == 2 and counts[5] == 1
@@ -100,9 +102,9 @@ def test_histogram_sweep_does_not_depend_on_the_thread_count() -> None:
     ns = [4, 5, 17, 30]
     one = dc.histogram_sweep(ns, 3_000, bins=20, seed=2, threads=1)
     three = dc.histogram_sweep(ns, 3_000, bins=20, seed=2, threads=3)
-    assert torch.equal(one[0], three[0]) and one[1] == three[1]
+    assert np.array_equal(one[0], three[0]) and one[1] == three[1]
     other_seed = dc.histogram_sweep(ns, 3_000, bins=20, seed=3, threads=1)
-    assert not torch.equal(one[0], other_seed[0])
+    assert not np.array_equal(one[0], other_seed[0])
     rows = dc.large_n_sweep([4, 50, 3_000], beta_samples=10, direct_pairs=200, direct_max=100,
                             seed=1, threads=2)
     assert [(r["n"], r["method"]) for r in rows] == [
@@ -114,11 +116,10 @@ def test_histogram_sweep_does_not_depend_on_the_thread_count() -> None:
 def test_pairs_are_explicit_vectors_from_the_library_stream() -> None:
     # sample_cos is cos(x, y) of the stream's entries laid out (2, n, pairs): x = [0], y = [1].
     n, pairs = 6, 50
-    z = dc.gaussian_stream(11).normal((2, n, pairs)).double()
+    z = dc.gaussian_stream(11).array((2, n, pairs), np.float64)
     x, y = z[0].T, z[1].T
-    want = (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1))
-    torch.testing.assert_close(dc.sample_cos(n, pairs, seed=11).double(), want, rtol=1e-5,
-                               atol=1e-6)
+    want = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    np.testing.assert_allclose(dc.sample_cos(n, pairs, seed=11), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [3, 8, 40, 500, 2_000])
@@ -134,8 +135,8 @@ def test_mean_cos2_within_3_standard_errors_of_1_over_n(n: int) -> None:
 
 @pytest.mark.parametrize("n", [4, 50])
 def test_nested_samples_have_the_right_moments(n: int) -> None:
-    cos = dc.sample_cos_nested([n, 60], 20_000, seed=7)[0].double()
-    m = dc.moments(cos.square(), cos.abs())
+    cos = dc.sample_cos_nested([n, 60], 20_000, seed=7)[0].astype(np.float64)
+    m = dc.moments(cos * cos, np.abs(cos))
     assert abs(m["mean_cos2"] - 1 / n) < 3 * m["se_mean_cos2"]
     assert abs(m["mean_abs_cos"] - dc.exact_mean_abs_cos(n)) < 3 * m["se_mean_abs_cos"]
 
@@ -144,8 +145,8 @@ def test_chunked_sampling_for_large_n(monkeypatch: pytest.MonkeyPatch) -> None:
     # Force many chunks; the result must still be 64 valid cosines with E[cos²] ≈ 1/n.
     monkeypatch.setattr(dc, "CHUNK_ELEMENTS", 4_000)
     cos = dc.sample_cos(1_000, 64, seed=2)
-    assert cos.shape == (64,) and bool((cos.abs() <= 1).all())
-    assert abs(cos.double().square().mean().item() - 1e-3) < 6e-4  # ~3.5 s.e. (s.e. 1.8e-4)
+    assert cos.shape == (64,) and bool((np.abs(cos) <= 1).all())
+    assert abs(float(np.mean(cos.astype(np.float64) ** 2)) - 1e-3) < 6e-4  # ~3.5 s.e.
 
 
 def test_exact_mean_abs_cos_closed_forms() -> None:
@@ -177,6 +178,22 @@ def test_dimension_curse_command_end_to_end(tmp_path: Path) -> None:
     assert {r["method"] for r in moments} == {
         "gaussian-pairs-histogram-independent", "gaussian-pairs", "beta"}
     assert summary["total_pairs"] == 6 * 500 and summary["histogram_seconds"] >= 0
+
+
+def test_dimension_curse_command_runs_without_torch(tmp_path: Path) -> None:
+    # The whole command is numpy: a fresh interpreter never imports torch (about a second).
+    code = (
+        "import sys\n"
+        "from forwardonly.cli import main\n"
+        f"main(['experiment', 'dimension-curse', '--out', {str(tmp_path)!r}, '--n-max', '6',"
+        " '--pairs', '200', '--large-n-max', '1000', '--beta-samples', '100',"
+        " '--direct-pairs', '10', '--direct-max', '50'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert_png(tmp_path / "dimension_curse.png")
 
 
 # -- latency -----------------------------------------------------------------------------------

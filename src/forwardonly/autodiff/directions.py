@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import EllipsisType
@@ -61,6 +60,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import gaussian
+from ..gaussian import GAUSSIAN_LEVELS as GAUSSIAN_LEVELS
 from ..seeding import mix_seed
 
 DISTRIBUTIONS = ("gaussian", "rademacher", "rank1", "lowrank")
@@ -124,7 +125,6 @@ def rademacher(shape: int | tuple[int, ...], generator: torch.Generator, *,
 
 # -- Gaussian entries: a table of 2¹⁶ levels indexed by random 16-bit numbers ------------
 
-GAUSSIAN_LEVELS = 1 << 16
 # entries per table-lookup chunk: the chunk's indices (int32) and output stay in L2 cache
 _CHUNK = 1 << 16
 # up to this many entries, numpy's lookup (less fixed overhead than torch's)
@@ -134,19 +134,14 @@ _LEVEL_TABLES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
 def gaussian_levels() -> Tensor:
-    """The 2¹⁶ levels of the CPU Gaussian, ascending, float64.
+    """The 2¹⁶ levels of the CPU Gaussian, ascending, float64 (:mod:`forwardonly.gaussian`).
 
     Level ``i`` is ``E[Z | Z in bin i]`` for ``Z ~ N(0, 1)`` and the bins cut at the
     quantiles ``Φ⁻¹(i / 2¹⁶)``: ``2¹⁶ (φ(z_i) − φ(z_{i+1}))``. Made exactly antisymmetric
     (mean 0) and scaled to a mean square of exactly 1, so a uniformly chosen level has
     ``E[v] = 0`` and ``E[v²] = 1``: the forward gradient stays unbiased.
     """
-    m = GAUSSIAN_LEVELS
-    edges = torch.special.ndtri(torch.arange(m + 1, dtype=torch.float64) / m)  # -inf .. inf
-    pdf = torch.exp(-0.5 * edges * edges) / math.sqrt(2 * math.pi)  # 0 at ±inf
-    levels = (pdf[:-1] - pdf[1:]) * m  # (m,) bin means
-    levels = (levels - levels.flip(0)) / 2
-    return levels / levels.pow(2).mean().sqrt()
+    return torch.from_numpy(gaussian.gaussian_levels().copy())
 
 
 def _level_table(device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -156,65 +151,17 @@ def _level_table(device: torch.device, dtype: torch.dtype) -> Tensor:
     return _LEVEL_TABLES[key]
 
 
-_MASK64 = (1 << 64) - 1
-# one bit generator per thread, loaded with a stream's state for each draw: constructing a
-# numpy bit generator costs ~12 µs, loading a state ~2 µs
-_BITS = threading.local()
-
-
-def _splitmix64(x: int) -> int:
-    z = (x + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-class GaussianStream:
-    """A seeded stream of Gaussian entries on the CPU: 16 random bits and one table lookup
-    per entry.
-
-    The bits are the 64-bit words of numpy's ``PCG64DXSM`` bit generator, its 128-bit state
-    and increment set from ``seed`` by splitmix64, read as four little-endian 16-bit indices
-    each; entry ``j`` of a draw is ``levels[index j]`` (:func:`gaussian_levels`). A draw of
-    ``n`` entries uses ``⌈n/4⌉`` words, so consecutive draws from one stream are reproducible
-    too. Numpy keeps a bit generator's stream fixed across releases. Torch's ``normal_`` on
-    the CPU spends a Mersenne-Twister number and a Box–Muller transform per entry and costs
-    2–3× as much (``python -m benchmarks core-step-time``, the *draw only* rows).
+class GaussianStream(gaussian.GaussianStream):
+    """A seeded stream of Gaussian entries on the CPU, drawn into tensors: 16 random bits and
+    one table lookup per entry (:class:`forwardonly.gaussian.GaussianStream`, whose
+    :meth:`~forwardonly.gaussian.GaussianStream.array` gives the same entries as numpy
+    arrays). Torch's ``normal_`` on the CPU spends a Mersenne-Twister number and a
+    Box–Muller transform per entry and costs 2–3× as much (``python -m benchmarks
+    core-step-time``, the *draw only* rows).
 
     Arguments:
         seed: an integer (e.g. ``mix_seed(step_seed, index)``).
     """
-
-    def __init__(self, seed: int) -> None:
-        z = [_splitmix64((int(seed) + i * 0x9E3779B97F4A7C15) & _MASK64) for i in range(4)]
-        self._state: dict[str, object] = {
-            "bit_generator": "PCG64DXSM", "has_uint32": 0, "uinteger": 0,
-            "state": {"state": z[0] << 64 | z[1], "inc": z[2] << 64 | z[3] | 1}}
-        self._used = 0  # words drawn so far
-
-    def _bits(self, n: int) -> np.random.PCG64DXSM:
-        """The thread's bit generator at this stream's position, ``n`` words reserved."""
-        bits = getattr(_BITS, "pcg", None)
-        if bits is None:
-            bits = _BITS.pcg = np.random.PCG64DXSM(0)
-        bits.state = self._state
-        if self._used:
-            bits.advance(self._used)
-        self._used += n
-        return bits
-
-    def skip(self, entries: int) -> GaussianStream:
-        """Move on by ``entries`` entries (a multiple of 4: a word holds 4) without drawing
-        them; returns the stream. The next draw starts at the entry it would have reached."""
-        if entries < 0 or entries % 4:
-            raise ValueError(f"a Gaussian stream skips a non-negative multiple of 4 entries, "
-                             f"got {entries}")
-        self._used += entries // 4
-        return self
-
-    def words(self, n: int) -> np.ndarray:
-        """The next ``n`` 64-bit words of the stream (uint64)."""
-        return self._bits(n).random_raw(n)
 
     def normal(self, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32,
                out: Tensor | None = None) -> Tensor:

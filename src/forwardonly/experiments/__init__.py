@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-import torch
 
 EXPERIMENTS: dict[str, str] = {
     "dimension-curse": "forwardonly.experiments.dimension_curse",
@@ -83,9 +82,23 @@ def torch_threads(n: int) -> Iterator[None]:
     Many small element-wise kernels (100,000-element tensors) run far faster on one thread
     than on several when the cores are shared with other work.
     """
+    import torch  # here, so that an experiment without torch does not pay for its import
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def available_threads() -> int:
+    """Threads for work split by hand (numpy, thread pools): ``$OMP_NUM_THREADS`` when it is
+    a positive integer, else the cores this process may run on."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
