@@ -16,6 +16,7 @@ Only what a command needs is imported: ``forwardonly --help`` does not load torc
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -116,7 +117,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train = record_errors(train)
     result = train(cfg, resume=args.resume)
     if _is_writer(cfg) and result.rows:
-        print(f"test error {100 * result.test_error:.2f}%  (run directory: {result.run_dir})")
+        if math.isnan(result.test_error):  # --eval-test end, and the last row was not an end
+            print(f"test error not measured at the last row (--eval-test end); forwardonly "
+                  f"eval {result.run_dir} measures it  (run directory: {result.run_dir})")
+        else:
+            print(f"test error {100 * result.test_error:.2f}%  "
+                  f"(run directory: {result.run_dir})")
     return 0
 
 
@@ -133,7 +139,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                         device=args.device)
     test = error_rate(est, data.test_x, data.test_y, cfg.eval_batch_size)
     train = error_rate(est, data.train_x, data.train_y, cfg.eval_batch_size)
-    print(f"{args.run_dir}: epoch {state['epoch']}, {cfg.method} on {cfg.dataset}: "
+    where = f"epoch {state['epoch']}"
+    per_epoch = state.get("steps_per_epoch")
+    if per_epoch and state["step"] % per_epoch:  # a checkpoint inside an epoch
+        where = (f"step {state['step']} (epoch {state['epoch'] + 1}, batch "
+                 f"{state['step'] % per_epoch} of {per_epoch})")
+    print(f"{args.run_dir}: {where}, {cfg.method} on {cfg.dataset}: "
           f"test error {100 * test:.2f}% (accuracy {100 * (1 - test):.2f}%), "
           f"train error {100 * train:.2f}%")
     return 0
@@ -195,8 +206,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(f"\n{'method':<10} {'test accuracy':>14} {'test error':>11} {'seconds':>8}")
     for method, r in results:
         secs = sum(row["seconds"] for row in r.rows)
-        print(f"{method:<10} {100 * (1 - r.test_error):>13.2f}% {100 * r.test_error:>10.2f}% "
-              f"{secs:>8.1f}")
+        if math.isnan(r.test_error):  # not measured (--eval-test end, no end in this call)
+            acc, err = f"{'-':>14}", f"{'-':>11}"
+        else:
+            acc, err = f"{100 * (1 - r.test_error):>13.2f}%", f"{100 * r.test_error:>10.2f}%"
+        print(f"{method:<10} {acc} {err} {secs:>8.1f}")
     print(f"(run directories under {Path(configs[0].out or '.').parent}/)")
     return 0
 
@@ -234,7 +248,7 @@ def build_parser(command: str | None = None, full_help: bool = False,
     p.description = ("Train a model with any method. Writes config.yaml, metrics.csv/.jsonl, "
                      "learning_curve.png and checkpoint.pt (every epoch, atomically) into "
                      "--out. With --resume, the run continues with its own settings: give "
-                     "only what may change (e.g. more --epochs).")
+                     "only what may change (e.g. more --epochs or --max-steps).")
     if command in (None, "train"):
         _add_config_flags(p, full_help)
     p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_arg,
@@ -304,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
-        print("forwardonly: interrupted; the last finished epoch's checkpoint is kept "
-              "(continue with --resume)", file=sys.stderr)
+        print("forwardonly: interrupted; the last checkpoint (of the last finished epoch, "
+              "or of the last --checkpoint-every step) is kept (continue with --resume)",
+              file=sys.stderr)
         return 130
     except Exception as exc:
         if not isinstance(exc, _user_errors()):

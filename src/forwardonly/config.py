@@ -144,10 +144,31 @@ class TrainConfig:
                                 "every epoch), then evaluates and checkpoints. On a large "
                                 "set: a step budget of epochs x N / batch-size and an "
                                 "evaluation every N examples. Unset: the whole set.")
+    max_steps: int | None = _f(None, "Stop after N optimizer steps in all (counted across "
+                               "epochs and resumes), in the middle of an epoch if need be: "
+                               "that part-epoch is evaluated, written as a metrics row and "
+                               "checkpointed, and --resume with a larger --max-steps "
+                               "continues it from the next batch. With --epochs, whichever "
+                               "comes first ends the run; the learning-rate schedule spans "
+                               "the steps the run will take (a larger --max-steps on resume "
+                               "lengthens a decaying schedule, as more --epochs does). Unset: "
+                               "--epochs alone.")
+    checkpoint_every: int | None = _f(None, "Also write the checkpoint every N optimizer "
+                                      "steps inside an epoch (no evaluation, no metrics "
+                                      "row), so that a killed run loses at most N steps: "
+                                      "--resume continues from the batch after it, "
+                                      "bit-identically. Unset: at the end of each epoch "
+                                      "(and at a --max-steps stop) only.")
     eval_batch_size: int = _f(1000, "Batch size for evaluation (no effect on results).")
     train_eval_size: int | None = _f(None, "Measure the train error on the first N training "
                                      "examples only (unset: all of them, which on large sets "
                                      "costs a good part of an epoch).")
+    eval_test: str = _f("every", "When to measure the test error: every (each epoch) or end "
+                        "(only at the last epoch or stop of each call: --epochs, --max-steps "
+                        "or --stop-after; the other metrics rows leave test_error empty). "
+                        "The validation split, when the data has one, is measured every "
+                        "epoch either way: a sweep chooses on it and needs test only at the "
+                        "end.")
     stop_after: int | None = _f(None, "Stop after this many epochs of this call, keeping the "
                                 "checkpoint; continue later with --resume (the schedule "
                                 "still spans --epochs): runs split into short sessions.")
@@ -250,7 +271,9 @@ class TrainConfig:
                             f"is an option of optimizer sgd); drop it")
         if self.warmup_epochs > self.epochs:
             problems.append(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
-        for name in ("train_eval_size", "stop_after", "train_subset", "epoch_size"):
+        one_of("eval_test", self.eval_test, EVAL_TEST)
+        for name in ("train_eval_size", "stop_after", "train_subset", "epoch_size",
+                     "max_steps", "checkpoint_every"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 problems.append(f"{name} must be at least 1 when set; got {v}")
@@ -356,6 +379,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+#: When ``--eval-test`` measures the test error.
+EVAL_TEST = ("every", "end")
 #: Compute precisions of ``--precision`` (autocast dtype; float32: no autocast).
 PRECISIONS = ("float32", "bfloat16")
 #: Methods measured to train under bfloat16 autocast (their losses track float32's).

@@ -228,6 +228,25 @@ def test_stage_run_resumes_on_every_rank(tmp_path):
     assert [r["epoch"] for r in ranks[0]["rows"]] == [1, 2]
 
 
+@slow
+def test_stage_run_cut_inside_an_epoch_resumes_on_every_rank(tmp_path):
+    # --max-steps stops inside epoch 1, --checkpoint-every saves there too: every rank takes
+    # part in each checkpoint and resumes from the same batch
+    values = {**FG, "method": "fg-w", "schedule": "constant", "epochs": 2,
+              "checkpoint_every": 3}
+    whole = single({**values, "max_steps": 22}, tmp_path / "single")
+    dist_values = {**values, "distributed": "stages", "dist_timeout": 30.0,
+                   "out": str(tmp_path / "st")}
+    ok(run_ranks(2, _train_rank, {**dist_values, "max_steps": 7}, tmp_path=tmp_path))
+    assert load(tmp_path / "st" / "checkpoint.pt")["step"] == 7
+    ranks = ok(run_ranks(2, _train_rank, {**dist_values, "max_steps": 22}, True,
+                         tmp_path=tmp_path))
+    staged = [p for r in ranks for p in r["params"]]
+    for p, q in zip(params_of(whole.model), staged, strict=True):
+        assert torch.equal(p, q)
+    assert [(r["epoch"], r["step"]) for r in ranks[0]["rows"]] == [(1, 7), (1, 15), (2, 22)]
+
+
 # -- faults -------------------------------------------------------------------------------------
 def _fault_values(tmp_path: Path, timeout: float) -> dict[str, Any]:
     return {**FG, "epochs": 2, "method": "fg-w", "distributed": "data",

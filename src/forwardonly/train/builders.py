@@ -110,9 +110,17 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
 
 def make_schedule(config: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int
                   ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup over ``warmup_epochs``, then ``schedule`` over the rest of ``epochs``."""
-    return lr_schedule(opt, config.epochs * steps_per_epoch,
+    """Warmup over ``warmup_epochs``, then ``schedule`` over the rest of the run: ``epochs``
+    of ``steps_per_epoch`` steps, or ``max_steps`` when that comes first."""
+    return lr_schedule(opt, total_steps(config, steps_per_epoch),
                        round(config.warmup_epochs * steps_per_epoch), config.schedule)
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The optimizer steps the whole run takes: ``epochs`` epochs, or ``max_steps`` when
+    that comes first."""
+    total = config.epochs * steps_per_epoch
+    return total if config.max_steps is None else min(total, config.max_steps)
 
 
 def freeze_except(model: nn.Module, patterns: list[str]) -> None:

@@ -50,21 +50,34 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     (run_dir / "metrics.jsonl.tmp").replace(run_dir / "metrics.jsonl")
 
 
-def plot_curves(run_dir: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """learning_curve.png: train loss, and train/test error per epoch."""
+def plot_curves(run_dir: Path, rows: list[dict[str, Any]], title: str,
+                steps_per_epoch: int | None = None) -> None:
+    """learning_curve.png: train loss, and train/validation/test error per row. With
+    ``steps_per_epoch`` a row is placed at its ``step`` in epochs (a row of a ``max_steps``
+    stop inside an epoch between two epochs); errors not measured (``None``, e.g. test with
+    ``eval_test="end"``) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [r["epoch"] for r in rows]
+    def at(r: dict[str, Any]) -> float:
+        if steps_per_epoch and r.get("step") is not None:
+            return float(r["step"]) / steps_per_epoch
+        return float(r["epoch"])
+
+    def curve(key: str) -> tuple[list[float], list[float]]:
+        kept = [r for r in rows if r.get(key) is not None]
+        return [at(r) for r in kept], [100 * float(r[key]) for r in kept]
+
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o")
+    ax_loss.plot([at(r) for r in rows], [r["train_loss"] for r in rows], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="train loss (mean over the epoch)", title="loss")
-    ax_err.plot(epochs, [100 * r["train_error"] for r in rows], marker="o", label="train")
-    if all("val_error" in r for r in rows):
-        ax_err.plot(epochs, [100 * r["val_error"] for r in rows], marker="o", label="validation")
-    ax_err.plot(epochs, [100 * r["test_error"] for r in rows], marker="o", label="test")
+    for key, label in (("train_error", "train"), ("val_error", "validation"),
+                       ("test_error", "test")):
+        xs, ys = curve(key)
+        if xs:
+            ax_err.plot(xs, ys, marker="o", label=label)
     ax_err.set(xlabel="epoch", ylabel="error (%)", title="error")
     ax_err.legend()
     for ax in (ax_loss, ax_err):

@@ -1,8 +1,9 @@
 """Run directories: where a run goes, what a resume may change, and reading a finished run.
 
 A resumed run takes every setting from the run itself (its ``config.yaml``); only settings
-that cannot change its trajectory may be given anew (:data:`RESUMABLE_CHANGES`: more epochs,
-a new data location, the device, cosmetics). So ``forwardonly train --out X --resume`` is
+that cannot change its trajectory may be given anew (:data:`RESUMABLE_CHANGES`: more epochs
+or steps, a new data location, the device, what is evaluated and checkpointed when,
+cosmetics). So ``forwardonly train --out X --resume`` is
 always enough, and gives bit-identically the run that never stopped.
 """
 
@@ -19,11 +20,13 @@ from ..config import ConfigError, TrainConfig, from_dict
 from . import checkpoint, records
 
 CHECKPOINT = "checkpoint.pt"
-# Settings a resume may change: epochs lengthens the schedule; train_eval_size changes only
-# the recorded train error; the rest say where and how the same computation runs.
-RESUMABLE_CHANGES = frozenset({"epochs", "progress", "device", "threads", "eval_batch_size",
-                               "data_dir", "dist_timeout", "stop_after", "train_eval_size",
-                               "compile", "out", "init_from"})
+# Settings a resume may change: epochs and max_steps lengthen the run (and its schedule);
+# train_eval_size and eval_test change only what is measured, checkpoint_every only when the
+# state is saved; the rest say where and how the same computation runs.
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "progress", "device", "threads",
+                               "eval_batch_size", "data_dir", "dist_timeout", "stop_after",
+                               "train_eval_size", "eval_test", "checkpoint_every", "compile",
+                               "out", "init_from"})
 
 
 def default_run_dir(config: TrainConfig) -> Path:
