@@ -540,3 +540,33 @@ def test_in_place_head_gets_its_own_learning_rate(method):
             torch.testing.assert_close(plain[name], before[name] - 0.1 * exact[name])
         else:
             assert torch.equal(apart[name], plain[name])
+
+
+def test_inplace_fgw_draws_large_weights_block_by_block():
+    """In place on an nn.Sequential, a weight of more than CHUNK_ENTRIES entries gets its
+    direction block by block inside the layer's x Vᵀ: the same update as step() + SGD."""
+    from forwardonly.autodiff.directions import CHUNK_ENTRIES, Streamed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(600, 512), nn.ReLU(), nn.Linear(512, 3)).double()
+    assert model[0].weight.numel() > CHUNK_ENTRIES
+    x, y = torch.randn(9, 600, dtype=torch.float64), torch.randint(0, 3, (9,))
+    twin = copy.deepcopy(model)
+    make_estimator("fg-w", model, F.cross_entropy, seed=5).step(x, y)
+    with torch.no_grad():
+        expected = [p - 0.1 * p.grad for p in model.parameters()]
+    seen = []
+    real_blocks = Streamed.blocks
+
+    def blocks(self):
+        seen.append(len(list(real_blocks(self))))
+        return real_blocks(self)
+
+    est = make_estimator("fg-w", twin, F.cross_entropy, seed=5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Streamed, "blocks", blocks)
+        est.sgd_step(x, y, lr=0.1)
+    assert seen and seen[0] >= 2  # the first weight went through in several blocks
+    for p, q in zip(twin.parameters(), expected, strict=True):
+        assert p.grad is None
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)

@@ -282,6 +282,27 @@ class LowRank:
 Factored = Rank1 | LowRank
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """One dense direction (K = 1) of tensor ``index``, drawn block by block of rows where it
+    is used (:meth:`DirectionSampler.chunks`, bit for bit the whole draw) rather than all at
+    once: a linear layer's ``x Vᵀ`` takes its output columns one block at a time, so a
+    weight's direction never exists whole (the in-place step of an ``nn.Sequential``)."""
+
+    sampler: DirectionSampler
+    index: int
+    like: Tensor
+    max_entries: int = CHUNK_ENTRIES
+
+    def blocks(self) -> Iterator[tuple[slice | EllipsisType, Tensor]]:
+        """``(rows, V[rows])`` in order (:meth:`DirectionSampler.chunks`)."""
+        return self.sampler.chunks(self.index, self.like, self.max_entries)
+
+    def materialize(self) -> Tensor:
+        """``(1, *shape)``: the whole direction."""
+        return self.sampler.dense(self.index, self.like, 1)
+
+
 def check_rank(rank: int) -> int:
     """``rank`` as an int if it is a positive integer, else a ``ValueError``."""
     if isinstance(rank, bool) or int(rank) != rank or rank < 1:

@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from .directions import Factored, LowRank, Rank1
+from .directions import Factored, LowRank, Rank1, Streamed
 
 #: ``loss_fn(outputs, targets) -> scalar`` (a mean over the batch)
 LossFn = Callable[[Tensor, Tensor], Tensor]
-#: tangent(param) -> (K, *param.shape) dense directions, or their rank-one / rank-r factors
-TangentFn = Callable[[nn.Parameter], "Tensor | Factored"]
+#: tangent(param) -> (K, *param.shape) dense directions, their rank-one / rank-r factors, or
+#: (K = 1) a direction drawn block by block where it is used
+TangentFn = Callable[[nn.Parameter], "Tensor | Factored | Streamed"]
 Rule = Callable[[Any, Tensor, "Tensor | None", TangentFn, int], "tuple[Tensor, Tensor | None]"]
 
 #: Parameter-free elementwise activations: their tangent is the input tangent times a slope.
@@ -51,7 +52,7 @@ class ForwardModeError(RuntimeError):
 # -- the rules --------------------------------------------------------------------------
 
 def linear_jvp(h: Tensor, h_dot: Tensor | None, weight: Tensor, bias: Tensor | None,
-               w_dot: Tensor | Factored | None = None, b_dot: Tensor | None = None
+               w_dot: Tensor | Factored | Streamed | None = None, b_dot: Tensor | None = None
                ) -> tuple[Tensor, Tensor | None]:
     """``y = h Wᵀ + b`` and ``ẏ = ḣ Wᵀ + h Ẇᵀ + ḃ``.
 
@@ -59,7 +60,8 @@ def linear_jvp(h: Tensor, h_dot: Tensor | None, weight: Tensor, bias: Tensor | N
         h: ``(..., p)`` input; ``h_dot``: ``(K, ..., p)`` tangents or None (zero).
         weight, bias: ``(q, p)`` and ``(q,)`` (bias may be None).
         w_dot: ``(K, q, p)`` weight tangents, their :class:`Rank1` or :class:`LowRank`
-            factors, or None.
+            factors, a :class:`Streamed` direction (K = 1: ``h Vᵀ`` one block of output
+            columns at a time, from one block of rows of ``V``), or None.
         b_dot: ``(K, q)`` bias tangents or None.
 
     Returns:
@@ -77,6 +79,15 @@ def linear_jvp(h: Tensor, h_dot: Tensor | None, weight: Tensor, bias: Tensor | N
             proj = (h @ w_dot.a.reshape(k * r, -1).T).mul_(w_dot.scale)  # (..., K r)
             proj = proj.reshape(-1, k, r).transpose(0, 1)  # (K, N, r), N = prod(...)
             term = torch.bmm(proj, w_dot.b).view(k, *h.shape[:-1], q)  # (K, ..., q)
+        elif isinstance(w_dot, Streamed):  # columns of ẏ from blocks of rows of V, in place
+            q = weight.shape[0]
+            beta = 1.0
+            if y_dot is None:
+                y_dot, beta = torch.empty(1, *out.shape, dtype=out.dtype, device=out.device), 0.0
+            flat_h, flat_y = h.reshape(-1, h.shape[-1]), y_dot[0].view(-1, q)
+            for rows, block in w_dot.blocks():
+                flat_y[:, rows].addmm_(flat_h, block.T, beta=beta)  # beta 0: ignore empty
+            term = None
         elif w_dot.shape[0] == 1 and h.dim() == 2:  # accumulate in place: no (B, q) buffer
             if y_dot is None:
                 y_dot = (h @ w_dot[0].T).unsqueeze(0)
@@ -174,9 +185,9 @@ def _generic_layer(layer: nn.Module, h: Tensor, h_dot: Tensor | None, tangent: T
     return batched_jvp(f, (primals, h), (tangents, h_dot), k, multi=True)
 
 
-def dense(t: Tensor | Factored) -> Tensor:
+def dense(t: Tensor | Factored | Streamed) -> Tensor:
     """Dense ``(K, *shape)`` directions from any form."""
-    return t.materialize() if isinstance(t, (Rank1, LowRank)) else t
+    return t.materialize() if isinstance(t, (Rank1, LowRank, Streamed)) else t
 
 
 RULES: dict[type, Rule] = {
@@ -219,11 +230,34 @@ def run_layers(layers: list[tuple[str, nn.Module]], h: Tensor, h_dot: Tensor | N
 def loss_and_derivatives(loss_fn: LossFn, h: Tensor, h_dot: Tensor | None, y: Tensor, k: int
                          ) -> tuple[Tensor, Tensor]:
     """The loss and its K directional derivatives ``(K,)`` from the last activation and
-    tangents."""
+    tangents (``F.cross_entropy`` on class indices by :func:`cross_entropy_derivatives`,
+    any other loss by ``torch.func.jvp``)."""
     with naming("loss_fn", loss_fn):
         if h_dot is None:
             return loss_fn(h, y), torch.zeros(k, dtype=h.dtype, device=h.device)
+        if loss_fn is F.cross_entropy and h.dim() == 2 and y.dim() == 1 \
+                and not y.is_floating_point() and h.is_floating_point() \
+                and bool((y >= 0).all()):  # no ignore_index (-100) labels
+            return cross_entropy_derivatives(h, h_dot, y)
         return batched_jvp(lambda z: loss_fn(z, y), h, h_dot, k)
+
+
+def cross_entropy_derivatives(z: Tensor, z_dot: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``L = −mean_b log softmax(z_b)[y_b]`` (``F.cross_entropy``, mean over the batch) and
+    its K directional derivatives
+
+        d_k = mean_b ( Σ_c softmax(z_b)_c ż_kbc − ż_kb[y_b] )
+
+    for logits ``z`` ``(B, C)``, tangents ``ż`` ``(K, B, C)`` and class indices ``y`` ``(B,)``:
+    one ``(B, C)`` buffer (the log-probabilities, then the probabilities in place) where
+    ``torch.func.jvp`` of the loss keeps several."""
+    logp = F.log_softmax(z, dim=1)
+    loss = F.nll_loss(logp, y)
+    probs = logp.exp_()
+    k, b = z_dot.shape[0], z.shape[0]
+    expected = z_dot.reshape(k, -1) @ probs.reshape(-1)  # (K,): Σ_b Σ_c p ż
+    picked = z_dot.gather(2, y.view(1, b, 1).expand(k, b, 1)).sum((1, 2))  # (K,): Σ_b ż[y]
+    return loss, (expected - picked) / b
 
 
 def batched_jvp(f: Callable[..., Tensor], primals: Any, tangents: Any, k: int,

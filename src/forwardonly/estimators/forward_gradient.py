@@ -22,11 +22,13 @@ the same directions either way, so the choice changes speed and memory only. Onl
 unbiased for the gradient restricted to that subspace, and frozen parameters get no ``.grad``.
 ``distribution="lowrank"`` draws rank-``direction_rank`` directions for weight matrices.
 
-In place (``sgd_step``, K = 1) a model other than an ``nn.Sequential`` (which runs layer by
-layer anyway) is streamed (:func:`~forwardonly.autodiff.streamed_jvp`): a module's parameter
-tangents exist only while it runs, an embedding's only for the rows the batch looks up, and
-the update ``θ −= lr·c·v`` redraws ``v`` chunk by chunk: the memory of inference plus the
-activations' tangents.
+In place (``sgd_step``, K = 1) a model other than an ``nn.Sequential`` is streamed
+(:func:`~forwardonly.autodiff.streamed_jvp`): a module's parameter tangents exist only while
+it runs, an embedding's only for the rows the batch looks up; an ``nn.Sequential`` runs layer
+by layer, and a large weight matrix's direction is drawn block by block of rows inside its
+layer's ``x Vᵀ`` (:class:`~forwardonly.autodiff.directions.Streamed`). The update
+``θ −= lr·c·v`` redraws ``v`` chunk by chunk: the memory of inference plus the activations'
+tangents.
 
 ``exact_head=True`` ("heads exact", as Ren et al. 2023 train their FG-W heads, arXiv
 2210.03310): the model's linear readout ``model.head`` gets its exact gradient — local, it
@@ -54,7 +56,7 @@ from ..autodiff import (
     streamed_directional_derivative,
     streamed_jvp,
 )
-from ..autodiff.directions import Factored, check_rank
+from ..autodiff.directions import CHUNK_ENTRIES, Factored, Streamed, check_rank
 from ..autodiff.forward_mode import RowsFn
 from ..autodiff.rules import TangentFn, batched_jvp, dense, failure_message
 from .base import (
@@ -167,12 +169,14 @@ class ForwardGradient(Estimator):
             def rows(p: Tensor, ids: Tensor) -> Tensor:
                 return sampler.rows(index[id(p)], p, ids)
 
-        def tangent(p: nn.Parameter) -> Tensor | Factored:
+        def tangent(p: nn.Parameter) -> Tensor | Factored | Streamed:
             i = index[id(p)]
             if i in kept:  # a later piece of the batch
                 return kept[i]
             if sampler.is_factored(p.shape):
                 v: Tensor | Factored = sampler.factors(i, p, k)
+            elif lr is not None and k == 1 and p.dim() == 2 and p.numel() > CHUNK_ENTRIES:
+                return Streamed(sampler, i, p)  # in place, layer by layer: block by block
             elif k == 1 and lr is None:  # straight into .grad: no second buffer, no redraw
                 if p.grad is None or p.grad.shape != p.shape or not p.grad.is_contiguous():
                     p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
