@@ -216,13 +216,18 @@ def memory(args: argparse.Namespace, res: Results) -> None:
             row: dict[str, Any] = {"depth": depth, "method": method, "params_mib": round(
                 depth * (args.width * args.width + args.width) * 4 / 2**20, 1)}
             for alloc, env in ALLOCATORS.items():
-                out = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.core", "memory-child", method,
-                     str(depth), str(args.width), str(args.batch)], cwd=REPO,
-                    capture_output=True, text=True, check=True, env={**os.environ, **env})
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                row[f"peak_mib_{alloc}"] = round(r["peak_mib"], 1)
-                row[f"above_import_mib_{alloc}"] = round(r["peak_mib"] - r["import_mib"], 1)
+                runs = []
+                for _ in range(args.repeats):  # fresh processes; glibc's heap varies
+                    out = subprocess.run(
+                        [sys.executable, "-m", "benchmarks.core", "memory-child", method,
+                         str(depth), str(args.width), str(args.batch)], cwd=REPO,
+                        capture_output=True, text=True, check=True, env={**os.environ, **env})
+                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                above = [r["peak_mib"] - r["import_mib"] for r in runs]
+                row[f"peak_mib_{alloc}"] = round(statistics.median(
+                    r["peak_mib"] for r in runs), 1)
+                row[f"above_import_mib_{alloc}"] = round(statistics.median(above), 1)
+                row[f"above_import_range_{alloc}"] = f"{min(above):.0f}–{max(above):.0f}"
             rows.append(row)
             print(row, flush=True)
     for r in rows:
@@ -233,19 +238,24 @@ def memory(args: argparse.Namespace, res: Results) -> None:
             r[f"ratio_to_inference_{alloc}"] = round(r[key] / inf[key], 3) if inf else ""
     table = [[r["depth"], r["params_mib"], r["method"],
               *(f"{r[f'peak_mib_{a}']:.0f}" for a in ALLOCATORS),
-              *(f"{r[f'above_import_mib_{a}']:.0f} ({r[f'ratio_to_inference_{a}']}×)"
-                for a in ALLOCATORS)] for r in rows]
+              *(f"{r[f'above_import_mib_{a}']:.0f} [{r[f'above_import_range_{a}']}] "
+                f"({r[f'ratio_to_inference_{a}']}×)" for a in ALLOCATORS)] for r in rows]
     header = ["depth", "params MiB", "method", "total peak, default malloc",
               "total peak, mmap malloc", "above imports, default malloc (× inference)",
               "above imports, mmap malloc (× inference)"]
     text = (f"MLP of width {args.width}, batch {args.batch}: peak RSS (MiB) of a fresh process "
-            "that builds the model and runs two steps; *above imports* subtracts the peak "
+            f"that builds the model and runs two steps, the median of {args.repeats} such "
+            "processes (the range of *above imports* over them in brackets: glibc's default "
+            "heap lands differently from one process to the next); *above imports* subtracts "
+            "the peak "
             "after importing torch and forwardonly, so it is the model plus the step's working "
             "memory. *default malloc* is glibc as a user gets it; *mmap malloc* sets "
             "`MALLOC_MMAP_THRESHOLD_=131072` so freed blocks leave the resident set. *inplace* = "
-            "`--optimizer sgd-inplace` (no `.grad`); *halves* = `--micro-batch` of half the "
-            "batch (the same estimate, two pieces). Target: the sgd-inplace step's "
-            "own memory ≤ 1.5× inference's with the default allocator.\n\n"
+            "`--optimizer sgd-inplace` (no `.grad`; fg-w draws a weight's direction block by "
+            "block inside its layer's x Vᵀ, and the update redraws it block by block); "
+            "*halves* = `--micro-batch` of half the batch (the same estimate, two pieces). "
+            "Target: the sgd-inplace step's own memory ≤ 1.5× inference's with the default "
+            "allocator.\n\n"
             + md_table(header, table))
     res.write("memory", rows, title=f"Peak memory of one training step, MLP width "
               f"{args.width}, batch {args.batch}", text=text)
@@ -307,6 +317,8 @@ def arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 16, 32])
         p.add_argument("--width", type=int, default=2048)
         p.add_argument("--batch", type=int, default=2048)
+        p.add_argument("--repeats", type=int, default=3,
+                       help="fresh processes per method and allocator (the median is reported)")
         p.add_argument("--methods", nargs="+", choices=MEMORY_METHODS, default=None)
     else:
         p.add_argument("--epochs", type=int, default=5)
