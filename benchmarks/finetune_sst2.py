@@ -62,6 +62,12 @@ METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
     "zo subspace": ({"method": "zo", "distribution": "lowrank", "exact_head": True,
                      "train_params": LAST, "optimizer": "adam", "head_lr_scale": 10.0},
                     [1e-4, 1e-3]),
+    # memory and speed only: "zo subspace" running its frozen prefix (embeddings, layers 0-4)
+    # at every evaluation, as before the prefix was recorded and replayed (ESTIMATOR_OPTIONS)
+    "zo subspace, no prefix reuse": ({"method": "zo", "distribution": "lowrank",
+                                      "exact_head": True, "train_params": LAST,
+                                      "optimizer": "adam", "head_lr_scale": 10.0},
+                                     [1e-4, 1e-3]),
     "fg-w subspace": ({"method": "fg-w", "distribution": "lowrank", "exact_head": True,
                        "train_params": LAST, "optimizer": "adam", "head_lr_scale": 10.0},
                       [1e-4, 1e-3]),
@@ -80,6 +86,10 @@ METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
     # memory and speed only by default: does a low-rank direction shrink fg-w's tangents?
     "fg-w lowrank": ({"method": "fg-w", "distribution": "lowrank", "optimizer": "sgd-inplace"},
                      [1e-5, 1e-4]),
+}
+# estimator options that have no `forwardonly train` flag, set on the built estimator
+ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
+    "zo subspace, no prefix reuse": {"reuse_prefix": False},
 }
 ACCURACY_METHODS = ["probe", "bp", "zo", "zo exact-head", "fg-w", "zo subspace",
                     "fg-w subspace", "zo subspace LP-FT", "fg-w subspace LP-FT"]
@@ -103,6 +113,8 @@ def describe(label: str) -> str:
             parts.append(flag + " " + " ".join(f"'{v}'" for v in value))
         else:
             parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    parts += [f"(estimator option {key}={value!r})"
+              for key, value in ESTIMATOR_OPTIONS.get(label, {}).items()]
     return " ".join(parts)
 
 
@@ -137,6 +149,10 @@ def build_step(label: str, args: argparse.Namespace) -> tuple[Any, Any]:
         return model, infer
     freeze_except(model, cfg.train_params)
     est = estimator_for(cfg, model)
+    for key, value in ESTIMATOR_OPTIONS.get(label, {}).items():
+        if not hasattr(est, key):
+            raise AttributeError(f"{label}: the {cfg.method} estimator has no option {key!r}")
+        setattr(est, key, value)
     opt = make_optimizer(cfg, model)
     model.train()
 

@@ -72,4 +72,7 @@ def test_speed_smoke_on_minilm(tmp_path: Path) -> None:
 
     main(["finetune-sst2", "--out", str(tmp_path), "--smoke", "--section", "speed"])
     speed = _rows(tmp_path / "finetune-sst2" / "speed.csv")
-    assert {r["method"] for r in speed} >= {"inference", "bp", "zo", "fg-w", "zo subspace"}
+    assert {r["method"] for r in speed} >= {"inference", "bp", "zo", "fg-w", "zo subspace",
+                                            "zo subspace, no prefix reuse"}
+    no_reuse = next(r for r in speed if r["method"] == "zo subspace, no prefix reuse")
+    assert no_reuse["options"].endswith("(estimator option reuse_prefix=False)")

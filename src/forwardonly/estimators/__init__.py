@@ -13,7 +13,8 @@ Importing this package registers every estimator:
   :class:`MixerWeightPerturbation`)
 - :mod:`.forward_forward`: ``ff`` (:class:`ForwardForward`)
 
-:class:`LocalLosses` (:mod:`.local_losses`) is the base of Ren et al.'s local-loss estimators.
+:class:`LocalLosses` (:mod:`.local_losses`) is the base of Ren et al.'s local-loss estimators;
+:class:`~.frozen_prefix.FrozenPrefix` lets ``zo`` run a model's frozen prefix once per step.
 """
 
 from .activity import ActivityPerturbation, LocalActivityPerturbation

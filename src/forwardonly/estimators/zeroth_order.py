@@ -34,6 +34,14 @@ gradients at ``θ ± εz`` (no extra pass): that average is the gradient at θ o
 place (``sgd_step``), the head's gradient is computed at θ before any perturbation and
 applied after the body's update; its buffer is the head's size.
 
+The frozen prefix is paid for once per step (``reuse_prefix``, :mod:`.frozen_prefix`): the
+modules that hold no perturbed parameter and run before the first one that does (with
+``--train-params 'encoder.encoder.layer.5.*' 'head.*'`` on MiniLM: the embeddings and layers
+0–4) compute the same outputs at θ, θ + εz and θ − εz. The step's first evaluation of the
+batch records them and the next ones replay them: bit for bit the same result, for the memory
+of those recorded outputs until the step ends (by default not with ``micro_batch``, whose
+pieces would all keep theirs).
+
 ``zo-sign`` is the essay's literal pseudo-code: compare ``L(θ + εv)`` with ``L(θ)`` and step
 towards ``+v`` if the loss went down, ``−v`` otherwise:
 ``g = (1/K) Σ_k sign(L(θ+εv_k) − L(θ)) v_k``.
@@ -52,6 +60,7 @@ from ..autodiff.directions import CHUNK_ENTRIES as _CHUNK_ENTRIES
 from ..autodiff.directions import check_rank
 from ..seeding import mix_seed
 from .base import Estimator, ExactHead, check_micro_batch, register, split_batch
+from .frozen_prefix import FrozenPrefix
 
 
 @register("zo")
@@ -74,6 +83,16 @@ class ZerothOrder(Estimator):
         micro_batch: evaluate each loss in pieces of at most this many examples
             (:func:`~forwardonly.estimators.base.split_batch`): the same estimate at the
             activation memory of one piece (``None``: the whole batch).
+        reuse_prefix: run the frozen prefix — the modules that hold no perturbed parameter
+            and run before the first module that owns one — once per step: the step's first
+            evaluation of the batch records their outputs and the others replay them
+            (:class:`~forwardonly.estimators.frozen_prefix.FrozenPrefix`; the same result bit
+            for bit, and nothing to do when every parameter is perturbed). It costs the
+            memory of the recorded outputs until the step ends, e.g. one ``(B, L, hidden)``
+            hidden state per frozen layer of a transformer. ``"auto"`` (the default) reuses
+            the prefix except with ``micro_batch``, whose pieces would all keep theirs: the
+            prefix outputs of the whole batch, more than micro-batching means to hold;
+            ``True`` reuses it with micro-batches too, ``False`` never.
     """
 
     #: ``keep_directions="auto"`` keeps a direction up to this size (MiB).
@@ -94,7 +113,7 @@ class ZerothOrder(Estimator):
                  distribution: str = "gaussian", direction_rank: int = 4,
                  exact_head: bool = False, epsilon: float = 1e-3,
                  keep_directions: bool | str = "auto", micro_batch: int | None = None,
-                 seed: int = 0) -> None:
+                 reuse_prefix: bool | str = "auto", seed: int = 0) -> None:
         super().__init__(model, loss_fn, seed=seed)
         self.micro_batch = check_micro_batch(micro_batch)
         if int(directions) < 1:
@@ -103,6 +122,12 @@ class ZerothOrder(Estimator):
             raise ValueError(f"keep_directions must be True, False or 'auto', got "
                              f"{keep_directions!r}")
         self.keep_directions = keep_directions
+        if reuse_prefix not in (True, False, "auto"):
+            raise ValueError(f"reuse_prefix must be True, False or 'auto', got "
+                             f"{reuse_prefix!r}")
+        self.reuse_prefix = reuse_prefix
+        # the frozen prefix of the current step's batch, when reused
+        self._prefix: FrozenPrefix | None = None
         # the current direction's tensors, when kept: (its sampler, {tensor index: z})
         self._kept: tuple[DirectionSampler, dict[int, Tensor]] | None = None
         if not (math.isfinite(epsilon) and epsilon > 0):
@@ -131,6 +156,20 @@ class ZerothOrder(Estimator):
             return bool(self.keep_directions)
         size = sum(p.numel() * p.element_size() for p in params)
         return not inplace and size <= self.KEEP_DIRECTIONS_MIB * 2**20
+
+    def reuses_prefix(self) -> bool:
+        """Whether a step records and replays the frozen prefix (``reuse_prefix``)."""
+        if self.reuse_prefix != "auto":
+            return bool(self.reuse_prefix)
+        return self.micro_batch is None
+
+    def _forward(self, fn: Callable[[Tensor], Tensor], piece: int, x: Tensor) -> Tensor:
+        """``fn(x)`` for piece ``piece`` of the batch, the frozen prefix recorded on the
+        piece's first evaluation in this step and replayed on the next ones."""
+        if self._prefix is None:
+            return fn(x)
+        with self._prefix.evaluation(piece):
+            return fn(x)
 
     def _direction(self, sampler: DirectionSampler, i: int, p: Tensor) -> Tensor:
         """Tensor ``i``'s ``z`` under ``sampler``, kept from its first draw."""
@@ -177,8 +216,9 @@ class ZerothOrder(Estimator):
         # Every evaluation of a step sees the same random numbers (dropout masks); the
         # global RNG state is restored by ``estimate``.
         torch.random.default_generator.manual_seed(mix_seed(self.step_seed(), 0x5EED))
-        return sum(w * self.loss_fn(self.model(x), y).item()
-                   for x, y, w in split_batch(inputs, targets, self.micro_batch))
+        pieces = split_batch(inputs, targets, self.micro_batch)
+        return sum(w * self.loss_fn(self._forward(self.model, i, x), y).item()
+                   for i, (x, y, w) in enumerate(pieces))
 
     @torch.no_grad()
     def _loss_at_theta(self, inputs: Tensor, targets: Tensor) -> float:
@@ -190,9 +230,9 @@ class ZerothOrder(Estimator):
         pieces = split_batch(inputs, targets, self.micro_batch)
         if len(pieces) > 1:
             head.zero_grad()
-        return sum(w * head.gradient(self.loss_fn, head.features(x), y,
+        return sum(w * head.gradient(self.loss_fn, self._forward(head.features, i, x), y,
                                      weight=None if len(pieces) == 1 else w)[0].item()
-                   for x, y, w in pieces)
+                   for i, (x, y, w) in enumerate(pieces))
 
     def directional(self, sampler: DirectionSampler, inputs: Tensor, targets: Tensor
                     ) -> tuple[float, float]:
@@ -216,12 +256,16 @@ class ZerothOrder(Estimator):
 
     def estimate(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
         rng = torch.get_rng_state()
-        if self.keeps(self.perturbed(), inplace=self._inplace_lr is not None):
+        perturbed = self.perturbed()
+        if self.keeps(perturbed, inplace=self._inplace_lr is not None):
             self._kept = (DirectionSampler(self.distribution, 0), {})
+        if self.reuses_prefix():
+            self._prefix = FrozenPrefix(self.model, perturbed)
         try:
             return self._estimate(inputs, targets)
         finally:
             self._kept = None
+            self._prefix = None  # the recorded prefix goes with the step
             torch.set_rng_state(rng)
 
     def estimate_inplace(self, inputs: Tensor, targets: Tensor, lr: float) -> dict[str, float]:
