@@ -47,6 +47,8 @@ from benchmarks.report import REPO, Results, md_table, read_csv, write_csv
 COLUMNS = ["method", "setting", "train_examples", "steps", "dev_accuracy", "test_accuracy",
            "peak_rss_mib", "inference_rss_mib", "seconds"]
 LAST = ["encoder.encoder.layer.5.*", "head.*"]  # the last encoder layer and the head
+# BitFit's subspace (Ben Zaken et al. 2022) and the LayerNorms: 31,490 parameters of 22.7 M
+BITFIT = ["*.bias", "*LayerNorm*", "head.*"]
 # label -> (forwardonly train options, candidate learning rates for the dev sweep)
 METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
     "probe": ({"method": "bp", "optimizer": "adam", "train_params": ["head.*"]},
@@ -71,6 +73,10 @@ METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
     "fg-w subspace": ({"method": "fg-w", "distribution": "lowrank", "exact_head": True,
                        "train_params": LAST, "optimizer": "adam", "head_lr_scale": 10.0},
                       [1e-4, 1e-3]),
+    # forward gradient on the biases and LayerNorms of every layer (the exact head beside):
+    # 1/57 of the last layer's dimensions, spread over the whole encoder
+    "fg-w bitfit": ({"method": "fg-w", "exact_head": True, "train_params": BITFIT,
+                     "optimizer": "adam"}, [1e-3, 3e-3]),
     # LP-FT (Kumar et al. 2022): start from the chosen linear probe's run ("init_from":
     # "probe" is resolved to it), then fine-tune the last layer and the head forward-only
     "zo subspace LP-FT": ({"method": "zo", "distribution": "lowrank", "exact_head": True,
@@ -92,10 +98,10 @@ ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "zo subspace, no prefix reuse": {"reuse_prefix": False},
 }
 ACCURACY_METHODS = ["probe", "bp", "zo", "zo exact-head", "fg-w", "zo subspace",
-                    "fg-w subspace", "zo subspace LP-FT", "fg-w subspace LP-FT"]
+                    "fg-w subspace", "fg-w bitfit", "zo subspace LP-FT", "fg-w subspace LP-FT"]
 # memory and speed: an LP-FT variant's step is its plain variant's
 STEP_METHODS = [label for label in METHODS if not label.endswith("LP-FT")]
-FORWARD_ONLY = ["zo", "zo exact-head", "fg-w", "zo subspace", "fg-w subspace",
+FORWARD_ONLY = ["zo", "zo exact-head", "fg-w", "zo subspace", "fg-w subspace", "fg-w bitfit",
                 "zo subspace LP-FT", "fg-w subspace LP-FT"]
 
 
