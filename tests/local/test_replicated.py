@@ -8,6 +8,7 @@ from forwardonly.local.replicated import (
     pool_vjp,
     pooled_features,
     replicate,
+    replicated_derivatives,
     replicated_jvp,
     replicated_losses_reference,
 )
@@ -68,6 +69,24 @@ def test_closed_form_per_loss_derivative_equals_autograd_on_stop_gradient_refere
     changed = (ref - got[0] / 1.0).abs() > 1e-5
     assert changed[:, 1, 0].all() and not changed[:, [0, 2, 3]].any()
     assert not changed[:, 1, 1:].any()
+
+
+def test_replicated_derivatives_equal_the_jvp_of_e_in_either_order(device):
+    """<ḣ, J q> = <J ḣ, q>: the K = 1 order (J on the tangent) and the K > 1 order (J on q,
+    then the product) agree with replicated_jvp(pool_vjp(...)), and th is left as it was."""
+    model, head, h, y = setup(4, device=device)
+    feats, mean, rstd = pooled_features(h, G)
+    f = feats.clone().requires_grad_()
+    (dfeats,) = torch.autograd.grad(F.cross_entropy(head(f), y), f)
+    e = pool_vjp(h, mean, rstd, dfeats, G)
+    for k in (1, 3):
+        t = torch.randn(k, B, P, C).to(device)
+        before = t.clone()
+        got = replicated_derivatives(h, mean, rstd, dfeats, t, G)
+        assert got.shape == (k, B, P, G) and torch.equal(t, before)
+        torch.testing.assert_close(got, replicated_jvp(e, t, G), rtol=1e-5, atol=1e-8)
+        over = replicated_derivatives(h, mean, rstd, dfeats, t.clone(), G, overwrite=True)
+        torch.testing.assert_close(over, got, rtol=0, atol=0)
 
 
 def test_replicated_backprop_matches_reference_and_sums_to_plain_gradient(device):

@@ -178,12 +178,18 @@ class GaussianStream(gaussian.GaussianStream):
         target = out if out.is_contiguous() else torch.empty(shape, dtype=dtype)
         flat = target.view(-1)
         table = _level_table(flat.device, dtype)
+        full = n - n % _CHUNK
+        # chunks of the same entries as one draw: each chunk's 16-bit indices are widened in
+        # numpy straight into one int32 buffer (idx), looked up into the chunk's slice
         idx = torch.empty(min(_CHUNK, n), dtype=torch.int32)
-        for start in range(0, n, _CHUNK):  # chunks: the same entries as one draw
-            c = min(_CHUNK, n - start)
-            words = torch.from_numpy(bits.random_raw((c + 3) // 4).view(np.int64))
-            ix = idx[:c].copy_(words.view(torch.uint16)[:c])  # (c,) in [0, 2¹⁶)
-            torch.index_select(table, 0, ix, out=flat[start:start + c])
+        idx_np, raw = idx.numpy(), bits.random_raw
+        for chunk in flat[:full].view(-1, _CHUNK):
+            np.copyto(idx_np, raw(_CHUNK // 4).view(np.uint16))
+            torch.index_select(table, 0, idx, out=chunk)
+        if full < n:
+            c = n - full
+            np.copyto(idx_np[:c], raw((c + 3) // 4).view(np.uint16)[:c])
+            torch.index_select(table, 0, idx[:c], out=flat[full:])
         return out if target is out else out.copy_(target)
 
 

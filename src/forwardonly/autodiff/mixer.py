@@ -21,7 +21,9 @@ would cost a LayerNorm per layer and step.
 
 Where a layer's only tangent is its own ``u`` (the first layer of a block under local
 losses), its output tangent ``[out > 0] ⊙ u`` is the masked ``u`` the weight gradient needs:
-the trace keeps that one tensor, marked ``u_masked``.
+the trace keeps that one tensor, marked ``u_masked`` (written into ``u``'s own memory when the
+layer owns it, as under :func:`block_forward`). After the LayerNorms every tangent operation
+is in place: ``u``, the residual's tangent and the ReLU mask go into the layer's own buffer.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class LayerTrace:
 
 def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor | None = None,
                   wdot: tuple[Tensor, Tensor] | None = None, residual: Tensor | None = None,
-                  tresidual: Tensor | None = None) -> tuple[Tensor, Tensor | None, LayerTrace]:
+                  tresidual: Tensor | None = None, u_owned: bool = False
+                  ) -> tuple[Tensor, Tensor | None, LayerTrace]:
     """Primal and tangents through one layer (see the module docstring).
 
     Arguments:
@@ -65,9 +68,12 @@ def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor 
         u: activity tangent ``(K, B, P, C_out)`` added after ``LN_out``, or None.
         wdot: weight tangents ``((K, *W.shape), (K, *b.shape))``, or None.
         residual, tresidual: the residual added before the ReLU and its tangents.
+        u_owned: ``u`` is a buffer no one else reads, which this layer may overwrite: where
+            ``u`` is the layer's only tangent, ``[out > 0] ⊙ u`` is written into it.
 
     Returns:
-        ``(out, tout, trace)`` with ``tout`` None when every tangent is zero.
+        ``(out, tout, trace)`` with ``tout`` None when every tangent is zero. Every tangent
+        operation after the LayerNorms works in place on a buffer of this layer.
     """
     g = layer.norm_groups
     a, a_mean, a_rstd = ln_stats(x, g)
@@ -82,19 +88,25 @@ def layer_forward(layer: MixerLayer, x: Tensor, tx: Tensor | None, *, u: Tensor 
     y, mean, rstd = ln_stats(z, g)
     ty = None if tz is None else ln_jvp(z, mean, rstd, tz, g)
     del tz
-    only_u = ty is None and tresidual is None  # the layer's tangent is u alone
-    if u is not None:
-        ty = u if ty is None else ty.add_(u)
     if residual is not None:
         y = y.add_(residual)
-        if tresidual is not None:
-            ty = tresidual if ty is None else ty + tresidual
     out = y.relu_()
-    # mask in place unless ty is one of the caller's tensors
-    tout = None if ty is None else relu_tangent(ty, out, inplace=ty is not u
-                                                and ty is not tresidual)
-    if only_u and u is not None:  # tout = [out > 0] ⊙ u: the weight gradient reuses it
+    if ty is None and tresidual is None:  # the layer's tangent is u alone
+        if u is None:
+            return out, None, LayerTrace(layer, a, z, mean, rstd, out, None)
+        # tout = [out > 0] ⊙ u, which is also what the weight gradient needs: the trace keeps it
+        tout = relu_tangent(u, out, inplace=u_owned)
         return out, tout, LayerTrace(layer, a, z, mean, rstd, out, tout, u_masked=True)
+    if ty is None:  # no tangent through the layer itself: u and the residual's
+        assert tresidual is not None
+        ty, owned = (tresidual, False) if u is None else (u + tresidual, True)
+    else:  # ty is this layer's own buffer: add u and the residual's tangent into it
+        if u is not None:
+            ty.add_(u)
+        if tresidual is not None:
+            ty.add_(tresidual)
+        owned = True
+    tout = relu_tangent(ty, out, inplace=owned)
     return out, tout, LayerTrace(layer, a, z, mean, rstd, out, u)
 
 
@@ -102,7 +114,8 @@ def block_forward(block: MixerBlock, x: Tensor, tx: Tensor | None, *, first_inde
                   noise: NoiseFn | None = None, weight_tangent: WeightTangentFn | None = None
                   ) -> tuple[Tensor, Tensor | None, list[LayerTrace]]:
     """Primal and tangents through a block; layer ``j`` of the block has global index
-    ``first_index + j`` (the index its noise / weight tangents are drawn with)."""
+    ``first_index + j`` (the index its noise / weight tangents are drawn with). ``noise``
+    returns a fresh tensor per call: the layers may write into it (``u_owned``)."""
     h, th = x, tx
     traces: list[LayerTrace] = []
     last = len(block.layers) - 1
@@ -113,7 +126,7 @@ def block_forward(block: MixerBlock, x: Tensor, tx: Tensor | None, *, first_inde
         wdot = None if weight_tangent is None else weight_tangent(index, layer)
         h, th, trace = layer_forward(layer, h, th, u=u, wdot=wdot,
                                      residual=x if res else None,
-                                     tresidual=tx if res else None)
+                                     tresidual=tx if res else None, u_owned=True)
         traces.append(trace)
     return h, th, traces
 
@@ -143,8 +156,8 @@ def activity_weight_grads(trace: LayerTrace, coef: Tensor) -> tuple[Tensor, Tens
     groups = coef.shape[-2]
     gy = u.view(k, b, p, groups, c // groups).mul_(coef)
     gy = (gy[0] if k == 1 else gy.sum(0)).view(b, p, c)
-    if not trace.u_masked:
-        gy = torch.ops.aten.threshold_backward(gy, trace.out, 0.0)
+    if not trace.u_masked:  # in place: gy is u's memory (K = 1) or the sum's own buffer
+        torch.ops.aten.threshold_backward.grad_input(gy, trace.out, 0.0, grad_input=gy)
     del u
     gz = ln_jvp(trace.z, trace.mean, trace.rstd, gy, trace.layer.norm_groups)
     del gy

@@ -49,7 +49,7 @@ from ..autodiff import (
     ln_stats,
     sequential_layers,
 )
-from ..local.replicated import pool_vjp, pooled_features, replicated_jvp
+from ..local.replicated import pooled_features, replicated_derivatives
 from ..models.local_mixer import LocalMixer
 from .base import register, set_grad
 from .local_losses import LocalLosses, stats
@@ -102,10 +102,11 @@ class LocalActivityPerturbation(_ActivityBase):
             index += len(block.layers)
             feats, mean, rstd = pooled_features(out, g)
             loss, dfeats = self.head_step(model.heads[i], feats, targets)
-            e = pool_vjp(out, mean, rstd, dfeats, g)
             assert tout is not None
-            dl = replicated_jvp(e, tout, g).div_(k)  # (K, B, P, G)
-            del tout, e
+            free = all(t.u is not tout for t in traces)  # no trace keeps tout as its u
+            dl = replicated_derivatives(out, mean, rstd, dfeats, tout, g,
+                                        overwrite=free).div_(k)  # (K, B, P, G)
+            del tout
             per_group = dl.unsqueeze(-1)               # units of one (patch, group)
             per_patch = dl.sum(-1, keepdim=True).unsqueeze(-1)  # token-mixing units
             while traces:  # release each layer's trace once its gradient is written

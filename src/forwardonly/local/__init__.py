@@ -11,6 +11,13 @@ LocalMixer layers in :mod:`forwardonly.autodiff.mixer`.
 """
 
 from .heads import head_step
-from .replicated import pool_vjp, pooled_features, replicate, replicated_jvp
+from .replicated import (
+    pool_vjp,
+    pooled_features,
+    replicate,
+    replicated_derivatives,
+    replicated_jvp,
+)
 
-__all__ = ["head_step", "pool_vjp", "pooled_features", "replicate", "replicated_jvp"]
+__all__ = ["head_step", "pool_vjp", "pooled_features", "replicate", "replicated_derivatives",
+           "replicated_jvp"]

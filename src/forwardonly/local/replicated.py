@@ -46,15 +46,48 @@ def pool_vjp(h: Tensor, mean: Tensor, rstd: Tensor, dfeats: Tensor, groups: int)
     return ln_jvp(h, mean, rstd, g, groups)
 
 
-def replicated_jvp(e: Tensor, th: Tensor, groups: int) -> Tensor:
+def replicated_jvp(e: Tensor, th: Tensor, groups: int, *, overwrite: bool = False) -> Tensor:
     """Per-example derivatives of the replicated losses: ``(K, B, P, G)``.
 
     Arguments:
         e: ``(B, P, C)`` gradient of the plain pooled loss w.r.t. the block output.
         th: ``(K, B, P, C)`` tangents of the block output.
+        overwrite: ``th`` is not needed afterwards: the product ``th ⊙ e`` is formed in its
+            memory (the same numbers, no tensor-sized temporary).
     """
     k, b, p, c = th.shape
-    return (th * e).view(k, b, p, groups, c // groups).sum(-1)
+    prod = th.mul_(e) if overwrite else th * e
+    return prod.view(k, b, p, groups, c // groups).sum(-1)
+
+
+def replicated_derivatives(h: Tensor, mean: Tensor, rstd: Tensor, dfeats: Tensor, th: Tensor,
+                           groups: int, *, overwrite: bool = False) -> Tensor:
+    """:func:`replicated_jvp` of :func:`pool_vjp`'s ``e``, in the cheaper order: ``(K, B, P, G)``.
+
+    Per (example, patch, group) row, with ``q = ∂L/∂f / P`` (the same for every patch) and the
+    LayerNorm Jacobian ``J`` symmetric,
+
+        dL_{p,g}[k] = ⟨ḣ_k, J q⟩ = ⟨J ḣ_k, q⟩.
+
+    With one tangent (K = 1) ``J`` is applied to ``ḣ``: one LayerNorm kernel, and ``q`` stays
+    ``(B, C)``, broadcast over the patches, instead of a ``(B, P, C)`` copy for ``J q``. With
+    K > 1 it is applied once to ``q`` (:func:`pool_vjp`) and dotted with the K tangents.
+    The two orders differ in rounding only.
+
+    Arguments:
+        h, mean, rstd: the block output ``(B, P, C)`` and its LN statistics
+            (:func:`pooled_features`); ``dfeats``: ``∂L/∂f``, ``(B, C)``.
+        th: ``(K, B, P, C)`` tangents of ``h``; overwrite: see :func:`replicated_jvp` (with
+            K = 1 ``th`` is only read).
+    """
+    k = th.shape[0]
+    if k > 1:
+        return replicated_jvp(pool_vjp(h, mean, rstd, dfeats, groups), th, groups,
+                              overwrite=overwrite)
+    b, p, c = h.shape
+    jth = ln_jvp(h, mean, rstd, th, groups)  # (1, B, P, C), a new tensor
+    q = (dfeats / p).view(1, b, 1, c)
+    return jth.mul_(q).view(1, b, p, groups, c // groups).sum(-1)
 
 
 class _Replicate(torch.autograd.Function):
