@@ -117,7 +117,8 @@ class TrainConfig:
     ff_normalize_input: bool = _f(True, "FF: length-normalize each layer's input.")
     ff_precision: str = _f("float32", "FF: compute precision, float32 or bfloat16.")
     # optimisation
-    optimizer: str = _f("adam", "Optimizer: adam, sgd (with --momentum), or sgd-inplace: plain "
+    optimizer: str = _f("adam", "Optimizer: adam (AdamW, torch's fused kernel where the device "
+                        "has it), sgd (with --momentum), or sgd-inplace: plain "
                         "SGD applied inside the estimator with no gradient buffer (fg-w and "
                         "zo redraw their directions into the parameters: about the memory of "
                         "inference, as in MeZO).")
