@@ -22,8 +22,9 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from collections.abc import Iterable, Iterator
 from statistics import NormalDist
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -121,3 +122,22 @@ class GaussianStream:
                              f"{out.shape}{'' if out.flags.c_contiguous else ' (strided)'}")
         table.take(idx, out=out.reshape(-1), mode="clip")
         return out
+
+    def blocks(self, sizes: Iterable[int], dtype: type | np.dtype = np.float32
+               ) -> Iterator[np.ndarray]:
+        """Consecutive draws of ``sizes[i]`` entries each, as flat arrays: the entries
+        :meth:`array` would give called once per size, with one bit generator of its own
+        advancing through them instead of a state reload per draw. Each array lives in one
+        reused buffer: it is valid until the next one is yielded."""
+        sizes = list(sizes)
+        table = _levels_as(np.dtype(dtype))
+        bits: Any = np.random.PCG64DXSM(0)  # its state is set from a plain dict
+        bits.state = self._state
+        if self._used:
+            bits.advance(self._used)
+        buf = np.empty(max(sizes, default=0), dtype=table.dtype)
+        for size in sizes:
+            words = (size + 3) // 4
+            self._used += words
+            idx = bits.random_raw(words).view(np.uint16)[:size]
+            yield table.take(idx, out=buf[:size], mode="clip")

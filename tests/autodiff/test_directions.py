@@ -471,6 +471,14 @@ def test_numpy_stream_draws_the_same_entries_as_the_tensor_stream():
         a.skip(8)
         b.skip(8)
         assert np.array_equal(b.array((2, 3), np_dtype), a.normal((2, 3), dtype=dtype).numpy())
+    # blocks(): the entries of consecutive array() calls, and the stream moves on past them
+    sizes = [6, 4096, 5, 70_001]
+    one_by_one = gaussian.GaussianStream(21)
+    want = [one_by_one.array(size) for size in sizes]
+    streamed = gaussian.GaussianStream(21)
+    for w, got in zip(want, streamed.blocks(sizes), strict=True):
+        assert np.array_equal(got, w)
+    assert np.array_equal(streamed.array(9), one_by_one.array(9))
     out = np.empty((4, 5), dtype=np.float32)
     assert gaussian.GaussianStream(9).array((4, 5), out=out) is out
     with pytest.raises(ValueError, match="C-contiguous"):

@@ -107,14 +107,12 @@ def sample_cos(n: int, pairs: int, *, seed: int) -> np.ndarray:
     """
     if n < 2 or pairs < 1:
         raise ValueError(f"need n >= 2 and pairs >= 1, got n={n}, pairs={pairs}")
-    stream = gaussian_stream(seed)
     rows = min(pairs, max(1, CHUNK_ELEMENTS // (2 * n)))
-    buf = np.empty(2 * n * rows, dtype=np.float32)
+    starts = range(0, pairs, rows)
+    sizes = [2 * n * min(rows, pairs - start) for start in starts]
     out = np.empty(pairs, dtype=np.float32)
-    for start in range(0, pairs, rows):
-        m = min(rows, pairs - start)
-        z = stream.array((2, n, m), out=buf[: 2 * n * m].reshape(2, n, m))
-        _cos_of_chunk(z, out[start : start + m])
+    for start, size, z in zip(starts, sizes, gaussian_stream(seed).blocks(sizes), strict=True):
+        _cos_of_chunk(z.reshape(2, n, size // (2 * n)), out[start : start + size // (2 * n)])
     return out
 
 
