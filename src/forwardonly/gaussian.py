@@ -80,14 +80,19 @@ class GaussianStream:
             "state": {"state": z[0] << 64 | z[1], "inc": z[2] << 64 | z[3] | 1}}
         self._used = 0  # words drawn so far
 
+    def _seek(self, bits: Any) -> Any:
+        """``bits`` (a ``PCG64DXSM``) moved to this stream's position."""
+        bits.state = self._state
+        if self._used:
+            bits.advance(self._used)
+        return bits
+
     def _bits(self, n: int) -> np.random.PCG64DXSM:
         """The thread's bit generator at this stream's position, ``n`` words reserved."""
         bits = getattr(_BITS, "pcg", None)
         if bits is None:
             bits = _BITS.pcg = np.random.PCG64DXSM(0)
-        bits.state = self._state
-        if self._used:
-            bits.advance(self._used)
+        bits = self._seek(bits)
         self._used += n
         return bits
 
@@ -131,10 +136,7 @@ class GaussianStream:
         reused buffer: it is valid until the next one is yielded."""
         sizes = list(sizes)
         table = _levels_as(np.dtype(dtype))
-        bits: Any = np.random.PCG64DXSM(0)  # its state is set from a plain dict
-        bits.state = self._state
-        if self._used:
-            bits.advance(self._used)
+        bits = self._seek(np.random.PCG64DXSM(0))  # its own: no reload between draws
         buf = np.empty(max(sizes, default=0), dtype=table.dtype)
         for size in sizes:
             words = (size + 3) // 4

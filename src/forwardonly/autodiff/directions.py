@@ -129,7 +129,7 @@ def rademacher(shape: int | tuple[int, ...], generator: torch.Generator, *,
 _CHUNK = 1 << 16
 # up to this many entries, numpy's lookup (less fixed overhead than torch's)
 _SMALL = 1 << 12
-_NUMPY_DTYPES = (torch.float32, torch.float64)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _LEVEL_TABLES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
@@ -168,11 +168,10 @@ class GaussianStream(gaussian.GaussianStream):
         """``shape`` Gaussian entries in ``dtype`` (CPU); written into ``out`` if given."""
         dtype = dtype if out is None else out.dtype
         n = math.prod(shape)
-        bits = self._bits((n + 3) // 4)
         if n <= _SMALL and dtype in _NUMPY_DTYPES:  # few entries: numpy's lookup, less overhead
-            levels = _level_table(torch.device("cpu"), dtype).numpy()
-            small = torch.from_numpy(levels[bits.random_raw((n + 3) // 4).view(np.uint16)[:n]])
-            return small.view(shape) if out is None else out.copy_(small.view(shape))
+            small = torch.from_numpy(self.array(shape, _NUMPY_DTYPES[dtype]))
+            return small if out is None else out.copy_(small)
+        bits = self._bits((n + 3) // 4)
         if out is None:
             out = torch.empty(shape, dtype=dtype)
         target = out if out.is_contiguous() else torch.empty(shape, dtype=dtype)

@@ -445,15 +445,16 @@ def run_epoch(config: TrainConfig, worker: Worker, opt: torch.optim.Optimizer, s
     the epoch, a ``max_steps`` stop); the metrics row of the steps since the last row (means
     weighted by batch size, seconds, samples/s, lr), which ``since`` has gathered so far.
 
-    ``generator`` draws the augmentations (default: a new one from ``(seed, epoch, 1)``);
+    ``generator`` draws the augmentations (``_fit`` seeds it from ``(seed, epoch, 1)``, or
+    restores it inside an epoch; required when ``config.augment`` is set);
     ``after_step(batches_done)`` runs after each step (e.g. to write a checkpoint);
     ``kept()`` names the checkpoint on disk for the message of a diverged run."""
     worker.module.train()
     augment = None
-    if config.augment:  # drawn from (seed, epoch) on the data's device: a resumed run alike
+    if config.augment:
         if generator is None:
-            generator = torch.Generator(device=x.device).manual_seed(
-                mix_seed(config.seed, epoch, 1))
+            raise ValueError("run_epoch needs the epoch's augmentation generator when "
+                             "config.augment is set")
         augment = augmenter(config.augment, generator)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(
         mix_seed(config.seed, epoch)))[:config.epoch_size].to(x.device)  # --epoch-size
