@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..autodiff import DirectionSampler, LossFn, block_forward, ln_jvp, ln_stats
-from ..local.replicated import pool_vjp, pooled_features, replicated_jvp
+from ..local.replicated import pooled_features, replicated_derivatives
 from ..models.local_mixer import MixerLayer
 from .base import register
 from .local_losses import LocalLosses, stats
@@ -67,10 +67,10 @@ class LocalWeightPerturbation(LocalLosses):
                                          weight_tangent=weight_tangent)
             feats, mean, rstd = pooled_features(out, g)
             loss, dfeats = self.head_step(model.heads[i], feats, targets)
-            e = pool_vjp(out, mean, rstd, dfeats, g)
             assert tout is not None
-            c = replicated_jvp(e, tout, g).sum(dim=(1, 2)).div_(k)  # (K, G)
-            del tout, e
+            c = replicated_derivatives(out, mean, rstd, dfeats, tout, g,
+                                       overwrite=True).sum(dim=(1, 2)).div_(k)  # (K, G)
+            del tout
             for j, layer in enumerate(block.layers):
                 wd, bd = drawn.pop(index + j)
                 gw, gb = _combine(layer, wd, bd, c)
