@@ -385,6 +385,23 @@ def test_kept_and_redrawn_directions_give_the_same_estimate(distribution):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("distribution", ["rank1", "lowrank"])
+def test_factored_directions_are_drawn_once_per_step(distribution, monkeypatch):
+    calls = []
+    draw = DirectionSampler.factors
+    monkeypatch.setattr(DirectionSampler, "factors",
+                        lambda self, i, like, k: calls.append(i) or draw(self, i, like, k))
+    model, x, y, _ = tiny_problem()
+    weights = [i for i, p in enumerate(model.parameters()) if p.dim() >= 2]
+    est = make_estimator("fg-w", model, F.cross_entropy, distribution=distribution)
+    est.step(x, y)
+    assert sorted(calls) == weights
+    calls.clear()
+    make_estimator("fg-w", model, F.cross_entropy, distribution=distribution,
+                   keep_directions=False).step(x, y)
+    assert sorted(calls) == sorted(weights * 2)  # asked not to keep: drawn again for g
+
+
 def test_auto_keeps_directions_when_they_fit_and_not_in_place():
     model, *_ = tiny_problem()
     params = list(model.parameters())

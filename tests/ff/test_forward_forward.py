@@ -217,6 +217,42 @@ def test_step_gradients_equal_autograd_of_each_layers_own_objective(mode, negati
         torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-4, atol=1e-6)
 
 
+def test_saturated_rows_make_no_subnormal_gradients_and_the_same_step(device):
+    # at a low temperature many rows saturate: autograd's gradients then hold subnormal
+    # numbers (slow on x86 CPUs); the step counts such rows as 0 and stays equal to autograd
+    net = small_net(device=device)
+    est = ForwardForward(net, negatives="random", peer_weight=0.0, temperature=0.2)
+    x, y = batch(64, device=device)
+    losses = est.local_objectives(x, y)
+    est.step(x, y)
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal_in_reference = 0
+    for layer, loss in zip(net.layers, losses, strict=True):
+        for p, ref in zip((layer.weight, layer.bias),
+                          torch.autograd.grad(loss, (layer.weight, layer.bias)), strict=True):
+            subnormal_in_reference += int(((ref != 0) & (ref.abs() < tiny)).sum())
+            assert not ((p.grad != 0) & (p.grad.abs() < tiny)).any()
+            torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-5)
+    assert subnormal_in_reference > 0  # the case is exercised
+
+
+def test_a_second_step_writes_into_the_existing_grad_buffers():
+    net = small_net()
+    est = ForwardForward(net, negatives="random", peer_weight=0.0)
+    x, y = batch()
+    est.step(x, y)
+    buffers = {name: p.grad.data_ptr() for name, p in net.layers.named_parameters()}
+    x2, y2 = batch(seed=1)
+    losses = est.local_objectives(x2, y2)
+    est.step(x2, y2)
+    for layer, loss in zip(net.layers, losses, strict=True):
+        refs = torch.autograd.grad(loss, (layer.weight, layer.bias))
+        for p, ref in zip((layer.weight, layer.bias), refs, strict=True):
+            torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6)
+    for name, p in net.layers.named_parameters():
+        assert p.grad.data_ptr() == buffers[name], name
+
+
 def test_symmetric_loss_gradients_equal_autograd(device):
     net = small_net(device=device)
     est = ForwardForward(net, loss="symmetric", peer_weight=0.0, temperature=8.0)

@@ -14,7 +14,9 @@ step moves along ``−sign(d)·v``, a descent direction whenever ``d ≠ 0``, bu
 
 Directions are drawn per parameter tensor from ``(seed, step, tensor index)`` when the layer
 runs. At K = 1 a tensor's direction is drawn straight into its ``.grad`` and scaled there. At
-K ≥ 2 the K directions of the step are kept until ``g`` is formed when they fit
+K ≥ 2 the K directions of the step (and, outside ``sgd_step``, the factors of
+``rank1``/``lowrank`` weight directions at any K: a few vectors) are kept until ``g`` is
+formed when they fit
 (``keep_directions="auto"``: at most ``KEEP_DIRECTIONS_MIB`` in all, and not in the in-place
 ``sgd_step``, whose point is the memory of inference), else drawn again to form ``g`` —
 the same directions either way, so the choice changes speed and memory only. Only parameters with
@@ -175,6 +177,9 @@ class ForwardGradient(Estimator):
                 return kept[i]
             if sampler.is_factored(p.shape):
                 v: Tensor | Factored = sampler.factors(i, p, k)
+                if lr is None and self.keep_directions is not False:  # a few vectors: kept
+                    kept[i] = v
+                    return v
             elif lr is not None and k == 1 and p.dim() == 2 and p.numel() > CHUNK_ENTRIES:
                 return Streamed(sampler, i, p)  # in place, layer by layer: block by block
             elif k == 1 and lr is None:  # straight into .grad: no second buffer, no redraw

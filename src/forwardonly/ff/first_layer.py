@@ -6,7 +6,7 @@ with ``x = [c, p]`` (label code ``c`` (K,), pixels ``p`` (D−K,)) and ``x̂ = x
 ``r = √((‖c‖² + ‖p‖²)/D)`` (the RMS normalization of ``network.rms_normalize``)::
 
     z = W x̂ + b = (W_p p + W_c c) / r + b
-    ∂L/∂W_p = Σ_variants (δ/r)ᵀ p    (one product over the B images, not one per variant)
+    ∂L/∂W_p = (Σ_variants δ/r)ᵀ p    (one product over the B images, not one per variant)
     ∂L/∂W_c = Σ_rows (δ/r)ᵀ c
 
 so ``W_p p`` (B, n) — the bulk of the first layer's cost — is computed once per image, and
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class ImagePart(NamedTuple):
     """What the label variants of a batch of images share in the first layer."""
 
-    pixels: Tensor  # (B, D−K) the non-label inputs, in the layer's compute dtype
+    images: Tensor  # (B, D) the images with their K label entries zeroed, in the compute dtype
     product: Tensor  # (B, n) W_p p, float32
     square: Tensor  # (B, 1) ‖p‖²
 
@@ -39,15 +39,17 @@ def image_part(
 ) -> ImagePart:
     """The shared part for images ``flat`` (B, D); label entries ``[:, :K]`` are ignored.
 
-    ``weight`` is the layer's weight already cast to its compute dtype, if at hand.
+    ``weight`` is the layer's weight already cast to its compute dtype, if at hand. The label
+    entries are zeroed in a copy, so ``W_p p`` is one product with the whole (contiguous)
+    weight: the zero columns add nothing, and the kernel runs faster than on a column slice.
     """
     K = num_classes
-    pixels = flat[:, K:]  # (B, D-K)
-    square = pixels.square().sum(1, keepdim=True)  # (B, 1)
-    pixels = pixels.to(layer.dtype)
-    weight = (layer.weight if weight is None else weight)[:, K:].to(layer.dtype)  # (n, D-K)
-    product = (pixels @ weight.t()).float()  # (B, n)
-    return ImagePart(pixels, product, square)
+    images = flat.to(layer.dtype, copy=True)  # (B, D)
+    images[:, :K] = 0.0
+    square = flat[:, K:].square().sum(1, keepdim=True)  # (B, 1)
+    weight = (layer.weight if weight is None else weight).to(layer.dtype)  # (n, D)
+    product = (images @ weight.t()).float()  # (B, n)
+    return ImagePart(images, product, square)
 
 
 def inverse_scale(layer: FFLayer, part: ImagePart, codes: Tensor) -> Tensor:
@@ -76,14 +78,25 @@ def labelled_preactivation(layer: FFLayer, part: ImagePart, codes: Tensor) -> tu
 
 
 def labelled_weight_grad(
-    layer: FFLayer, part: ImagePart, codes: Tensor, inv_r: Tensor, delta: Tensor
+    layer: FFLayer,
+    part: ImagePart,
+    codes: Tensor,
+    inv_r: Tensor,
+    delta: Tensor,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``∂L/∂W`` (n, D) from ``delta = ∂L/∂z`` (V·B, n) of rows built by
-    :func:`labelled_preactivation` with ``codes`` (V·B, K) and ``inv_r`` (V·B, 1)."""
+    :func:`labelled_preactivation` with ``codes`` (V·B, K) and ``inv_r`` (V·B, 1).
+
+    ``out``: a float32 (n, D) buffer to write the result into (e.g. the weight's ``.grad``).
+    """
     B, K = part.product.shape[0], codes.shape[1]
     scaled = delta * inv_r  # (V·B, n) = ∂L/∂(W x) row by row
     per_image = scaled.view(-1, B, scaled.shape[1]).sum(0)  # (B, n), summed over variants
-    grad = torch.empty_like(layer.weight)  # (n, D)
-    grad[:, K:] = (per_image.to(layer.dtype).t() @ part.pixels).float()
+    if layer.dtype == torch.float32:  # label columns of the images are 0: pixels only
+        grad = torch.mm(per_image.t(), part.images, out=out)  # (n, D)
+    else:
+        grad = (per_image.to(layer.dtype).t() @ part.images).float()
+        grad = grad if out is None else out.copy_(grad)
     grad[:, :K] = scaled.t() @ codes
     return grad
