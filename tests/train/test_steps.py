@@ -232,3 +232,43 @@ def test_cli_cut_by_max_steps_then_resumed_with_more(tmp_path, capsys):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert _cli("train", "--out", cut, "--max-steps", "0") == 2
     assert "max_steps must be at least 1 when set; got 0" in capsys.readouterr().err
+
+
+# -- the random state of CUDA devices ------------------------------------------------------
+
+class FakeCuda:
+    """torch.cuda as a machine with ``count`` initialised devices sees it (states recorded)."""
+
+    def __init__(self, count, seed=0):
+        self.count = count
+        self.states = [torch.full((4,), seed + i, dtype=torch.uint8) for i in range(count)]
+
+    def install(self, monkeypatch):
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "is_available", lambda: True)
+        monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(cuda, "get_rng_state_all", lambda: [s.clone() for s in self.states])
+        monkeypatch.setattr(cuda, "set_rng_state",
+                            lambda s, device: self.states.__setitem__(device, s.clone()))
+
+
+def test_checkpoints_keep_and_restore_the_random_state_of_cuda_devices(tmp_path, monkeypatch):
+    fit(cfg(tmp_path / "run", method="fg-w", epochs=1, max_steps=5), **QUIET)
+    assert "cuda_rng" not in load(tmp_path / "run" / "checkpoint.pt")  # no CUDA in use
+    saved = FakeCuda(2, seed=7)
+    saved.install(monkeypatch)
+    state = fit_module.rng_state()
+    assert [s.tolist() for s in state["cuda_rng"]] == [[7] * 4, [8] * 4]
+    assert torch.equal(state["rng"], torch.get_rng_state())
+
+    resumed, notes = FakeCuda(2), []
+    resumed.install(monkeypatch)
+    fit_module.restore_rng_state(state, notes.append)
+    assert [s.tolist() for s in resumed.states] == [[7] * 4, [8] * 4] and not notes
+    fewer = FakeCuda(1)
+    fewer.install(monkeypatch)
+    fit_module.restore_rng_state(state, notes.append)
+    assert fewer.states[0].tolist() == [7] * 4
+    assert notes == ["the checkpoint holds the random state of 2 CUDA device(s) and this "
+                     "machine has 1: the first 1 are restored"]

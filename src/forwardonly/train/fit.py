@@ -70,7 +70,8 @@ Log = Callable[[str], None]
 EXPLODING = 100.0
 #: The checkpoint format :func:`fit` writes. 1 (no ``format`` key): epoch ends only; 2 adds
 #: ``step``, ``steps_per_epoch`` and, inside an epoch, ``since`` (the metrics accumulated
-#: since the last row) and ``augment_rng``. Format 1 checkpoints still load.
+#: since the last row) and ``augment_rng``; ``cuda_rng`` when CUDA was in use. Format 1
+#: checkpoints still load.
 CHECKPOINT_FORMAT = 2
 
 
@@ -225,7 +226,7 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
                             after_step=after_step, kept=lambda: saver.kept)
             step = (epoch - 1) * steps_per_epoch + stop
             inside = stop < steps_per_epoch  # a --max-steps stop inside the epoch
-            rng = torch.get_rng_state()  # before evaluating, which the run would not do here
+            rng = rng_state()  # before evaluating, which the run would not do here
             row = {"epoch": epoch, "step": step, **row}
             row["train_error"] = worker.error_rate(train_ex, train_ey, config.eval_batch_size)
             if val_x is not None and val_y is not None:
@@ -242,7 +243,7 @@ def _fit(config: TrainConfig, worker: Worker, resume: bool | str, log: Log) -> R
         if inside:
             saver.save(step, since, rng, generator)
         else:
-            saver.save(step, since, torch.get_rng_state(), None)
+            saver.save(step, since, rng_state(), None)
         if worker.is_writer:
             with _writing(run_dir, saver.kept):
                 records.write_metrics(run_dir, rows)
@@ -303,6 +304,29 @@ def by_length(x: Tensor, y: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
     return x[order], y[order]
 
 
+def rng_state() -> dict[str, Any]:
+    """The global generators' states for a checkpoint: ``rng`` (the CPU's) and, once CUDA is
+    in use, ``cuda_rng`` (every device's: dropout on a GPU draws from them)."""
+    state: dict[str, Any] = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], log: Log) -> None:
+    """Set the global generators from a checkpoint written with :func:`rng_state`."""
+    torch.set_rng_state(state["rng"])
+    saved = state.get("cuda_rng")
+    if not saved or not torch.cuda.is_available():  # without CUDA nothing draws from them
+        return
+    count = torch.cuda.device_count()
+    for device, device_state in enumerate(saved[:count]):
+        torch.cuda.set_rng_state(device_state, device)
+    if len(saved) != count:
+        log(f"the checkpoint holds the random state of {len(saved)} CUDA device(s) and this "
+            f"machine has {count}: the first {min(len(saved), count)} are restored")
+
+
 def _restore(config: TrainConfig, worker: Worker, opt: torch.optim.Optimizer, sched: Any,
              state: dict[str, Any], run_dir: Path, steps_per_epoch: int, log: Log
              ) -> tuple[int, _Since, Tensor | None]:
@@ -335,7 +359,7 @@ def _restore(config: TrainConfig, worker: Worker, opt: torch.optim.Optimizer, sc
     saved_lr = opt.param_groups[0]["lr"]
     sched.load_state_dict(state["scheduler"])
     worker.estimator.load_state_dict(state["estimator"])
-    torch.set_rng_state(state["rng"])
+    restore_rng_state(state, log)
     if step == config.epochs * steps_per_epoch:
         log(f"{run_dir} has already trained all {done} epochs; nothing to do (give --epochs N "
             f"with N > {done} to train it further)")
@@ -397,7 +421,7 @@ class _Saver:
         return (f"the checkpoint of step {self.kept_step} (epoch {done + 1}, batch {batch} of "
                 f"{self.steps_per_epoch})")
 
-    def save(self, step: int, since: _Since, rng: Tensor,
+    def save(self, step: int, since: _Since, rng: dict[str, Any],
              generator: torch.Generator | None) -> None:
         """The checkpoint after ``step`` optimizer steps; inside an epoch with ``since``'s
         metrics and the augmentation ``generator``'s state."""
@@ -408,7 +432,7 @@ class _Saver:
             state: dict[str, Any] = {
                 "format": CHECKPOINT_FORMAT, "model": model_state, "optimizer": opt_state,
                 "scheduler": self.sched.state_dict(),
-                "estimator": worker.estimator.state_dict(), "rng": rng,
+                "estimator": worker.estimator.state_dict(), **rng,
                 "epoch": done, "step": step, "steps_per_epoch": self.steps_per_epoch,
                 "rows": self.rows}
             if batch:
@@ -430,7 +454,7 @@ class _Saver:
         def after_step(batches_done: int) -> None:
             step = epoch_start + batches_done
             if step % n == 0 and batches_done < stop:
-                self.save(step, since, torch.get_rng_state(), generator)
+                self.save(step, since, rng_state(), generator)
         return after_step
 
 
