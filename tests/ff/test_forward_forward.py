@@ -217,12 +217,12 @@ def test_step_gradients_equal_autograd_of_each_layers_own_objective(mode, negati
         torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-4, atol=1e-6)
 
 
-def test_saturated_rows_make_no_subnormal_gradients_and_the_same_step(device):
+def test_saturated_rows_make_no_subnormal_gradients_and_the_same_step():
     # at a low temperature many rows saturate: autograd's gradients then hold subnormal
     # numbers (slow on x86 CPUs); the step counts such rows as 0 and stays equal to autograd
-    net = small_net(device=device)
+    net = small_net()
     est = ForwardForward(net, negatives="random", peer_weight=0.0, temperature=0.2)
-    x, y = batch(64, device=device)
+    x, y = batch(64)
     losses = est.local_objectives(x, y)
     est.step(x, y)
     tiny = torch.finfo(torch.float32).tiny
