@@ -85,3 +85,31 @@ def test_python_m_benchmarks_help_runs() -> None:
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=REPO,
                          capture_output=True, text=True, check=True)
     assert "core-step-time" in out.stdout and "report" in out.stdout
+
+
+def test_step_time_verdicts_say_which_target_is_met_and_by_how_much() -> None:
+    from benchmarks.core import step_time_verdicts
+
+    def row(method, batch, ratio):
+        return {"threads": 1, "batch": batch, "method": method, "ratio_to_bp": ratio}
+
+    text = step_time_verdicts([row("fg-w K=1", 64, 1.5), row("fg-w K=1", 1024, 0.9),
+                               row("fg-w K=1 rank1", 64, 0.88), row("fg-w K=8", 64, 11.0),
+                               row("plain vmap(jvp) K=8", 64, 19.0)])
+    assert "fg-w K=1 at batch 64: 1.5× bp (target ≤ 1.2×): not met, 25% over" in text
+    assert "fg-w K=1 at batch 1024: 0.9× bp (target ≤ 0.9×): met" in text
+    assert "fg-w K=1 rank1 at batch 64: 0.88× bp (target ≤ 0.8×): not met, 10% over" in text
+    assert "plain vmap(jvp)'s 19.0× (target: at least as fast): met" in text
+    assert step_time_verdicts([row("bp", 64, 1.0)]) == ""
+
+
+def test_local_speed_verdict_states_the_target_and_the_reason() -> None:
+    from benchmarks.local_speed import lg_fg_a_verdict
+
+    rows = [{"method": m, "step_vs_bp": r} for m, r in
+            (("bp", 1.0), ("l-bp", 1.05), ("lg-fg-a", 1.16), ("lg-fg-a (rademacher)", 0.98))]
+    text = lg_fg_a_verdict(rows)
+    assert "lg-fg-a 1.16× (16% over); lg-fg-a (rademacher) 0.98× (met)" in text
+    assert "(L-BP: 1.05×)" in text and "Why it stays above" in text
+    assert lg_fg_a_verdict([{"method": "bp", "step_vs_bp": 1.0}]) == ""
+    assert "Why" not in lg_fg_a_verdict([{"method": "lg-fg-a", "step_vs_bp": 0.97}])
