@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import forwardonly
+from forwardonly import seeding
 from forwardonly.config import ConfigError, from_dict, takes
 from forwardonly.train import fit
 from forwardonly.train.checkpoint import CheckpointError, load, save
@@ -258,17 +259,17 @@ def test_checkpoints_keep_and_restore_the_random_state_of_cuda_devices(tmp_path,
     assert "cuda_rng" not in load(tmp_path / "run" / "checkpoint.pt")  # no CUDA in use
     saved = FakeCuda(2, seed=7)
     saved.install(monkeypatch)
-    state = fit_module.rng_state()
+    state = seeding.rng_state()
     assert [s.tolist() for s in state["cuda_rng"]] == [[7] * 4, [8] * 4]
     assert torch.equal(state["rng"], torch.get_rng_state())
 
     resumed, notes = FakeCuda(2), []
     resumed.install(monkeypatch)
-    fit_module.restore_rng_state(state, notes.append)
+    seeding.restore_rng_state(state, notes.append)
     assert [s.tolist() for s in resumed.states] == [[7] * 4, [8] * 4] and not notes
     fewer = FakeCuda(1)
     fewer.install(monkeypatch)
-    fit_module.restore_rng_state(state, notes.append)
+    seeding.restore_rng_state(state, notes.append)
     assert fewer.states[0].tolist() == [7] * 4
     assert notes == ["the checkpoint holds the random state of 2 CUDA device(s) and this "
                      "machine has 1: the first 1 are restored"]

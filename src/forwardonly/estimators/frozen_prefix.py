@@ -61,6 +61,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..seeding import rng_state
+
 __all__ = ["FrozenPrefix"]
 
 Forward = Callable[..., Any]
@@ -122,10 +124,8 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 def _rng_state() -> list[Tensor]:
     """The global random generators' states (CPU, and CUDA once it is initialised)."""
-    states = [torch.random.default_generator.get_state()]
-    if torch.cuda.is_initialized():
-        states += torch.cuda.get_rng_state_all()
-    return states
+    state = rng_state()
+    return [state["rng"], *state.get("cuda_rng", [])]
 
 
 def _own_versions(module: nn.Module) -> list[int]:

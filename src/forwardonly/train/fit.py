@@ -50,7 +50,7 @@ from ..config import ConfigError, TrainConfig
 from ..data import resolve_data_dir
 from ..data.augment import augmenter
 from ..estimators import Estimator
-from ..seeding import mix_seed
+from ..seeding import mix_seed, restore_rng_state, rng_state
 from . import checkpoint, records
 from .builders import (
     build_model_for,
@@ -302,29 +302,6 @@ def by_length(x: Tensor, y: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
     each batch to its longest sentence computes on little padding."""
     order = torch.argsort((x != pad_id).sum(dim=1), stable=True)
     return x[order], y[order]
-
-
-def rng_state() -> dict[str, Any]:
-    """The global generators' states for a checkpoint: ``rng`` (the CPU's) and, once CUDA is
-    in use, ``cuda_rng`` (every device's: dropout on a GPU draws from them)."""
-    state: dict[str, Any] = {"rng": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any], log: Log) -> None:
-    """Set the global generators from a checkpoint written with :func:`rng_state`."""
-    torch.set_rng_state(state["rng"])
-    saved = state.get("cuda_rng")
-    if not saved or not torch.cuda.is_available():  # without CUDA nothing draws from them
-        return
-    count = torch.cuda.device_count()
-    for device, device_state in enumerate(saved[:count]):
-        torch.cuda.set_rng_state(device_state, device)
-    if len(saved) != count:
-        log(f"the checkpoint holds the random state of {len(saved)} CUDA device(s) and this "
-            f"machine has {count}: the first {min(len(saved), count)} are restored")
 
 
 def _restore(config: TrainConfig, worker: Worker, opt: torch.optim.Optimizer, sched: Any,
