@@ -49,6 +49,10 @@ COLUMNS = ["method", "setting", "train_examples", "steps", "dev_accuracy", "test
 LAST = ["encoder.encoder.layer.5.*", "head.*"]  # the last encoder layer and the head
 # BitFit's subspace (Ben Zaken et al. 2022) and the LayerNorms: 31,490 parameters of 22.7 M
 BITFIT = ["*.bias", "*LayerNorm*", "head.*"]
+# zeroth order on the last layer (rank-4 directions) with the exact head at 10x the rate
+ZO_SUBSPACE: dict[str, Any] = {"method": "zo", "distribution": "lowrank", "exact_head": True,
+                               "train_params": LAST, "optimizer": "adam",
+                               "head_lr_scale": 10.0}
 # label -> (forwardonly train options, candidate learning rates for the dev sweep)
 METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
     "probe": ({"method": "bp", "optimizer": "adam", "train_params": ["head.*"]},
@@ -61,15 +65,10 @@ METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
                        "head_lr_scale": 1000.0}, [1e-5, 1e-4]),
     "fg-w": ({"method": "fg-w", "optimizer": "sgd-inplace"}, [1e-5, 1e-4]),
     # the head learns at 10x the body's rate: with lr 1e-3 it gets the probe's chosen 1e-2
-    "zo subspace": ({"method": "zo", "distribution": "lowrank", "exact_head": True,
-                     "train_params": LAST, "optimizer": "adam", "head_lr_scale": 10.0},
-                    [1e-4, 1e-3]),
+    "zo subspace": (ZO_SUBSPACE, [1e-4, 1e-3]),
     # memory and speed only: "zo subspace" running its frozen prefix (embeddings, layers 0-4)
     # at every evaluation, as before the prefix was recorded and replayed (ESTIMATOR_OPTIONS)
-    "zo subspace, no prefix reuse": ({"method": "zo", "distribution": "lowrank",
-                                      "exact_head": True, "train_params": LAST,
-                                      "optimizer": "adam", "head_lr_scale": 10.0},
-                                     [1e-4, 1e-3]),
+    "zo subspace, no prefix reuse": (ZO_SUBSPACE, [1e-4, 1e-3]),
     "fg-w subspace": ({"method": "fg-w", "distribution": "lowrank", "exact_head": True,
                        "train_params": LAST, "optimizer": "adam", "head_lr_scale": 10.0},
                       [1e-4, 1e-3]),
