@@ -184,8 +184,8 @@ def step_time(args: argparse.Namespace, res: Results) -> None:
             "half of backprop's step (see *draw only*). rank1 replaces x Ẇᵀ by a matrix-vector "
             "product, about two thirds of backprop's arithmetic (its batch-1024 ratio); at "
             "batch 64 the fixed work of a forward-mode step in Python (drawing each tensor's "
-            "factors and signs, the rank-one terms, the outer products written into `.grad`: "
-            "about 0.3 ms, measured on a tiny model) is a few percent of the step on top. "
+            "factors and signs, the rank-one terms, the outer products written into `.grad`) "
+            "adds a few percent of the step on top. "
             "*draw only* rows: one direction for every parameter, the library's Gaussian "
             "(16 random bits and a table lookup per entry) against `torch.Generator` + "
             "`normal_` per tensor, its generator before.\n\n" + md_table(header, table)

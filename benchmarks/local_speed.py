@@ -165,8 +165,8 @@ def lg_fg_a_verdict(rows: list[dict]) -> str:
             "(a forward product, a tangent product in place of the input-gradient product, "
             "a weight-gradient product), and L-BP already pays for the block heads' LayerNorm and "
             f"losses, which BP does not have{floor}. On top, LG-FG-A draws a tangent for "
-            "every unit of every layer (46 M numbers per step at M/8/16 and batch 128: about "
-            "65 ms in Gaussian, a few ms in signs) and makes a few more elementwise passes "
+            "every unit of every layer (46 M numbers per step at M/8/16 and batch 128; signs "
+            "cost far less to draw than Gaussian entries) and makes a few more elementwise passes "
             "(adding the tangent, the masks, the products with the derivatives, one more "
             "LayerNorm product per layer).")
 
