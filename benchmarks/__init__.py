@@ -29,6 +29,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "core-memory": Benchmark(
         "benchmarks.core", "peak memory of one training step per method and depth, fresh "
         "process each, glibc's default malloc and mmap-tuned", True),
+    "core-table-quality": Benchmark(
+        "benchmarks.table_quality", "fg-w with noise-table directions against fresh Gaussian "
+        "draws: the same recipe and seeds, test error and training loss", True),
     "core-mnist": Benchmark(
         "benchmarks.core", "MNIST test error of bp, fg-w, zo after a fixed budget "
         "(library loop; hours)", False),

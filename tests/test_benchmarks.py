@@ -46,6 +46,22 @@ def test_step_time_writes_csv_markdown_and_machine_record(tmp_path: Path) -> Non
     assert md.startswith("### ") and record["cpu_capability"] in md
 
 
+def test_table_quality_trains_both_ways_and_summarises_over_seeds(tmp_path: Path) -> None:
+    from benchmarks.__main__ import main
+
+    main(["core-table-quality", "--out", str(tmp_path), "--epochs", "1", "--seeds", "2",
+          "--directions", "2", "--table-factors", "3", "--widths", "4"])
+    with (tmp_path / "core-table-quality" / "table_quality.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["distribution"] for r in rows] == ["gaussian", "gaussian-table ×3"]
+    assert all(r["seeds"] == "2" and r["directions"] == "2" for r in rows)
+    runs = sorted(p.name for p in (tmp_path / "core-table-quality" / "runs").iterdir())
+    assert runs == ["digits-k2-gaussian-s0-e1", "digits-k2-gaussian-s1-e1",
+                    "digits-k2-gaussian-table3-s0-e1", "digits-k2-gaussian-table3-s1-e1"]
+    config = (tmp_path / "core-table-quality" / "runs" / runs[2] / "config.yaml").read_text()
+    assert "gaussian-table" in config and "table_factor: 3" in config
+
+
 def test_report_collects_into_the_given_root(tmp_path: Path) -> None:
     from benchmarks.__main__ import main
 
@@ -95,11 +111,13 @@ def test_step_time_verdicts_say_which_target_is_met_and_by_how_much() -> None:
 
     text = step_time_verdicts([row("fg-w K=1", 64, 1.5), row("fg-w K=1", 1024, 0.9),
                                row("fg-w K=1 rank1", 64, 0.88), row("fg-w K=8", 64, 11.0),
-                               row("plain vmap(jvp) K=8", 64, 19.0)])
+                               row("plain vmap(jvp) K=8", 64, 19.0),
+                               row("fg-w K=1 gaussian-table", 64, 1.1)])
     assert "fg-w K=1 at batch 64: 1.5× bp (target ≤ 1.2×): not met, 25% over" in text
     assert "fg-w K=1 at batch 1024: 0.9× bp (target ≤ 0.9×): met" in text
     assert "fg-w K=1 rank1 at batch 64: 0.88× bp (target ≤ 0.8×): not met, 10% over" in text
     assert "plain vmap(jvp)'s 19.0× (target: at least as fast): met" in text
+    assert "fg-w K=1 gaussian-table at batch 64: 1.1× bp (target ≤ 1.2×): met" in text
     assert step_time_verdicts([row("bp", 64, 1.0)]) == ""
 
 

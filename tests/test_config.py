@@ -49,6 +49,18 @@ def test_a_model_option_the_model_does_not_take_is_rejected():
         from_dict({"model": "local-mixer", "method": "bp", "widths": [8]})
 
 
+def test_the_noise_table_belongs_to_fg_w_and_its_distribution():
+    with pytest.raises(ConfigError, match="gaussian-table .* fg-w and fg-sign, not zo"):
+        from_dict({"method": "zo", "distribution": "gaussian-table"})
+    with pytest.raises(ConfigError, match="--table-factor has no effect with --distribution "
+                       "gaussian"):
+        from_dict({"table_factor": 8})
+    with pytest.raises(ConfigError, match="table_factor must be at least 1"):
+        from_dict({"distribution": "gaussian-table", "table_factor": 0})
+    config = from_dict({"distribution": "gaussian-table", "table_factor": 8})
+    assert config.method_options()["table_factor"] == 8
+
+
 def test_momentum_belongs_to_sgd():
     with pytest.raises(ConfigError, match="--momentum has no effect with --optimizer adam"):
         from_dict({"momentum": 0.5})

@@ -83,9 +83,18 @@ class TrainConfig:
                      "zo-sign, and every other registered estimator.")
     directions: int = _f(1, "K: random directions averaged per step (fg-*, zo*).")
     distribution: str = _f("gaussian", "Direction distribution: gaussian, rademacher, rank1 "
-                           "(V = b aᵀ per weight matrix), lowrank (rank --direction-rank).")
+                           "(V = b aᵀ per weight matrix), lowrank (rank --direction-rank), "
+                           "gaussian-table (fg-w, fg-sign: Gaussian directions read as views "
+                           "of a noise table drawn once, at an offset chosen each step: no "
+                           "random numbers per step; unbiased over the table's draw, and "
+                           "(--table-factor + 1) × K × the parameters of memory).")
     direction_rank: int = _f(4, "Rank r of the lowrank directions (--distribution lowrank): "
                              "V = B Aᵀ/√r per weight matrix, still E[vvᵀ] = I.")
+    table_factor: int = _f(4, "Size of each tensor's noise table (--distribution "
+                           "gaussian-table) in entries per entry of its K directions. For one "
+                           "table the directions' second moment is a fixed matrix near I "
+                           "(eigenvalues about (1 ± 1/√factor)²): larger is closer to fresh "
+                           "draws and costs more memory.")
     exact_head: bool = _f(False, "zo, fg-w: train the model's linear head with its exact "
                           "gradient (it needs only the pooled features, no backprop into the "
                           "encoder) and perturb only the rest.")
@@ -229,6 +238,15 @@ class TrainConfig:
         one_of("model", self.model, MODELS)
         one_of("method", self.method, ESTIMATORS)
         one_of("distribution", self.distribution, DISTRIBUTIONS)
+        if self.distribution == "gaussian-table" and self.method not in ("fg-w", "fg-sign"):
+            problems.append(f"distribution gaussian-table (a noise table kept across steps) is "
+                            f"an option of method fg-w and fg-sign, not {self.method}; use "
+                            f"--distribution gaussian")
+        if self.table_factor != default_of("table_factor") \
+                and self.distribution != "gaussian-table":
+            problems.append(f"--table-factor has no effect with --distribution "
+                            f"{self.distribution} (it sizes the noise table of "
+                            f"--distribution gaussian-table); drop it")
         one_of("optimizer", self.optimizer, ("adam", "sgd", "sgd-inplace"))
         if self.optimizer == "sgd-inplace" and self.clip_grad is not None:
             problems.append("clip_grad needs a gradient buffer; it cannot be combined with "
@@ -237,7 +255,7 @@ class TrainConfig:
         for name in self.augment:
             one_of("augment", name, ("hflip", "shift"))
         for name in ("directions", "batch_size", "epochs", "eval_batch_size", "max_length",
-                     "direction_rank"):
+                     "direction_rank", "table_factor"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1; got {getattr(self, name)}")
         for name in ("lr", "epsilon", "head_lr_scale"):
@@ -402,7 +420,8 @@ BF16_REFUSED = {
 MODEL_OPTIONS = ("model_path", "widths", "activation", "channels", "preset", "blocks",
                  "patches", "width", "groups", "ff_mode", "ff_goodness", "ff_readout",
                  "ff_readout_from", "ff_label_scale", "ff_normalize_input", "ff_precision")
-METHOD_OPTIONS = ("directions", "distribution", "direction_rank", "exact_head", "epsilon",
+METHOD_OPTIONS = ("directions", "distribution", "direction_rank", "table_factor", "exact_head",
+                  "epsilon",
                   "micro_batch", "freeze_backbone", "ff_threshold", "ff_temperature", "ff_loss",
                   "ff_negatives", "ff_peer_weight", "ff_blur_steps")
 # Config names whose parameter is spelled differently (the FF options drop their prefix).

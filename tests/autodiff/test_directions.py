@@ -8,6 +8,7 @@ from forwardonly.autodiff import (
     ACTIVITY_DISTRIBUTIONS,
     DISTRIBUTIONS,
     DirectionSampler,
+    NoiseTable,
     Rank1,
     linear_jvp,
     rademacher,
@@ -23,6 +24,12 @@ from forwardonly.autodiff.rules import dense
 from forwardonly.seeding import mix_seed
 
 N = 40_000  # samples for the moment checks
+
+
+def sampler_of(distribution: str, step_seed: int, **options) -> DirectionSampler:
+    """A step's sampler; ``gaussian-table`` reads a table of seed 0 (the estimator keeps one
+    across steps)."""
+    return DirectionSampler(distribution, step_seed, table=NoiseTable(0), **options)
 
 
 def second_moment(v: torch.Tensor) -> torch.Tensor:
@@ -41,7 +48,7 @@ def test_second_moment_is_the_identity(distribution):
     and the bound 6·sqrt(2/N) = 0.042 fails by chance with probability < 1e-7 per entry.
     """
     like = torch.empty(3, 4)  # 12 entries: a matrix, so rank1 draws factored directions
-    v = DirectionSampler(distribution, step_seed=11).dense(0, like, N)  # (N, 3, 4)
+    v = sampler_of(distribution, step_seed=11).dense(0, like, N)  # (N, 3, 4)
     assert v.shape == (N, 3, 4)
     tol = 6 * (2 / N) ** 0.5
     err = (second_moment(v) - torch.eye(12, dtype=torch.float64)).abs().max().item()
@@ -51,7 +58,7 @@ def test_second_moment_is_the_identity(distribution):
 
 @pytest.mark.parametrize("distribution", ["rademacher", "rank1"])
 def test_sign_directions_have_exact_norms(distribution):
-    v = DirectionSampler(distribution, step_seed=5).dense(2, torch.empty(6, 7), 50)
+    v = sampler_of(distribution, step_seed=5).dense(2, torch.empty(6, 7), 50)
     assert set(v.unique().tolist()) == {-1.0, 1.0}
     assert torch.equal(v.pow(2).sum(dim=(1, 2)), torch.full((50,), 42.0))
 
@@ -62,13 +69,13 @@ def test_directions_are_reproducible_from_seed_step_and_tensor(distribution):
     another order, on another sampler of the same step, they are the same."""
     seed, step = 7, 3
     tensors = [torch.empty(5, 4), torch.empty(4), torch.empty(2, 3, 2)]
-    first = DirectionSampler(distribution, mix_seed(seed, step))
+    first = sampler_of(distribution, mix_seed(seed, step))
     drawn = [first.dense(i, t, 2) for i, t in enumerate(tensors)]
-    again = DirectionSampler(distribution, mix_seed(seed, step))
+    again = sampler_of(distribution, mix_seed(seed, step))
     for i in reversed(range(len(tensors))):
         assert torch.equal(again.dense(i, tensors[i], 2), drawn[i])
-    other_step = DirectionSampler(distribution, mix_seed(seed, step + 1))
-    other_seed = DirectionSampler(distribution, mix_seed(seed + 1, step))
+    other_step = sampler_of(distribution, mix_seed(seed, step + 1))
+    other_seed = sampler_of(distribution, mix_seed(seed + 1, step))
     for i, t in enumerate(tensors):
         assert not torch.equal(other_step.dense(i, t, 2), drawn[i])
         assert not torch.equal(other_seed.dense(i, t, 2), drawn[i])
@@ -77,7 +84,7 @@ def test_directions_are_reproducible_from_seed_step_and_tensor(distribution):
 
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_combine_redraws_the_same_directions(distribution):
-    sampler = DirectionSampler(distribution, step_seed=99)
+    sampler = sampler_of(distribution, step_seed=99)
     like = torch.empty(4, 6, dtype=torch.float64)
     coeffs = torch.tensor([0.5, -2.0, 3.0])
     expected = torch.tensordot(coeffs.double(), sampler.dense(1, like, 3), dims=1)
@@ -101,7 +108,7 @@ def test_dtype_and_device_follow_the_tensor(distribution, dtype):
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         like = torch.empty(3, 4, dtype=dtype, device=device)
-        sampler = DirectionSampler(distribution, step_seed=1)
+        sampler = sampler_of(distribution, step_seed=1)
         v = sampler.dense(0, like, 2)
         assert v.dtype == dtype and v.device.type == device and v.shape == (2, 3, 4)
         out = torch.empty(2, 3, 4, dtype=dtype, device=device)
@@ -112,7 +119,7 @@ def test_dtype_and_device_follow_the_tensor(distribution, dtype):
 
 def test_bad_distribution_names_are_clear_errors():
     with pytest.raises(ValueError, match="distribution must be one of 'gaussian', "
-                       "'rademacher', 'rank1', 'lowrank', got 'uniform'"):
+                       "'rademacher', 'rank1', 'lowrank', 'gaussian-table', got 'uniform'"):
         DirectionSampler("uniform", 0)
     with pytest.raises(ValueError, match="one of 'gaussian', 'rademacher', got 'rank1'"):
         DirectionSampler("rank1", 0, valid=ACTIVITY_DISTRIBUTIONS)
@@ -122,12 +129,12 @@ def test_bad_distribution_names_are_clear_errors():
 
 @pytest.mark.parametrize("distribution", ACTIVITY_DISTRIBUTIONS)
 def test_activity_noise_is_reproducible_per_layer_and_unit_variance(distribution):
-    sampler = DirectionSampler(distribution, step_seed=21)
+    sampler = sampler_of(distribution, step_seed=21)
     noise = sampler.noise(4)
     like = torch.empty(0, dtype=torch.float64)
     u = noise(3, (500, 20), like)
     assert u.shape == (4, 500, 20) and u.dtype == torch.float64
-    assert torch.equal(DirectionSampler(distribution, 21).noise(4)(3, (500, 20), like), u)
+    assert torch.equal(sampler_of(distribution, 21).noise(4)(3, (500, 20), like), u)
     assert not torch.equal(noise(2, (500, 20), like), u)
     assert abs(u.pow(2).mean().item() - 1) < 6 * (2 / u.numel()) ** 0.5
     assert u.mean().abs().item() < 6 / u.numel() ** 0.5
@@ -334,7 +341,7 @@ def test_local_fg_style_draws_share_one_generator():
 
 def test_combine_uses_kept_directions_and_writes_out():
     for distribution in DISTRIBUTIONS:
-        s = DirectionSampler(distribution, step_seed=2)
+        s = sampler_of(distribution, step_seed=2)
         like = torch.empty(5, 6, dtype=torch.float64)
         c = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
         drawn = s.factors(0, like, 3) if s.is_factored(like.shape) else s.dense(0, like, 3)
@@ -375,7 +382,7 @@ def test_gaussian_stream_skips_whole_words():
 def test_chunks_are_the_whole_draw_bit_for_bit(distribution, shape):
     """Blocks of consecutive rows, in order, each about ``max_entries`` entries (more only by
     the rows a stream's word needs), concatenated: exactly ``dense(...)[0]``."""
-    s = DirectionSampler(distribution, step_seed=21, rank=3)
+    s = sampler_of(distribution, step_seed=21, rank=3)
     like = torch.empty(shape)
     whole = s.dense(5, like, 1)[0]
     for max_entries in (100, 1000, 1 << 18):
@@ -402,7 +409,7 @@ def test_chunks_are_the_whole_draw_bit_for_bit(distribution, shape):
 def test_rows_are_the_rows_of_the_whole_draw(distribution, shape):
     """Chosen rows — repeated, unordered, negative, in any shape of ids — bit for bit those
     of the whole draw (Gaussian rows start mid-word when a row is not 4 entries)."""
-    s = DirectionSampler(distribution, step_seed=22, rank=3)
+    s = sampler_of(distribution, step_seed=22, rank=3)
     like = torch.empty(shape)
     whole = s.dense(1, like, 1)[0]
     if like.dim() == 0:
@@ -427,7 +434,7 @@ def test_add_to_is_the_whole_draw_added(distribution, dtype):
     """``add_to`` adds block by block what ``add_(dense(...)[0], alpha)`` adds at once, bit
     for bit — also into a non-contiguous tensor and, with ``also``, into a second one;
     bfloat16 (whose blockwise add would round differently) takes one block."""
-    s = DirectionSampler(distribution, step_seed=23, rank=3)
+    s = sampler_of(distribution, step_seed=23, rank=3)
     for shape in [(257, 384), (1000, 37), (11,), ()]:
         gen = torch.Generator().manual_seed(0)
         p = torch.randn(shape, generator=gen).to(dtype)
@@ -446,7 +453,7 @@ def test_add_to_is_the_whole_draw_added(distribution, dtype):
 def test_pieces_on_the_test_device(distribution, device):
     """On any device the pieces are those of the whole draw (a device generator's Gaussians
     are one block)."""
-    s = DirectionSampler(distribution, step_seed=24, rank=3)
+    s = sampler_of(distribution, step_seed=24, rank=3)
     like = torch.empty(300, 40, device=device)
     whole = s.dense(0, like, 1)[0]
     assert torch.equal(torch.cat([v for _, v in s.chunks(0, like, 1000)]), whole)

@@ -35,9 +35,12 @@ def estimate(model, method, x, y, **options):
 DIRECTIONS = 20_000
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "rank1", "lowrank"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "rank1", "lowrank",
+                                          "gaussian-table"])
 @pytest.mark.parametrize("method", ["fg-w", "zo"])
 def test_unbiased_estimators_converge_to_gradient(method, distribution):
+    if method == "zo" and distribution == "gaussian-table":
+        pytest.skip("zo regenerates its directions from the seed (no noise table)")
     model, x, y, exact = tiny_problem()
     # zo evaluates its directions one after another: 2,000 of them (relative error ≈ 0.09)
     k, options = (2_000, {"epsilon": 1e-5}) if method == "zo" else (DIRECTIONS, {})
@@ -170,6 +173,8 @@ def test_bad_inputs_are_rejected():
     ("fg-w", {"directions": 1}), ("fg-w", {"directions": 3}),
     ("fg-w", {"directions": 2, "distribution": "rank1"}), ("fg-sign", {"directions": 2}),
     ("fg-w", {"directions": 2, "distribution": "lowrank", "direction_rank": 3}),
+    ("fg-w", {"directions": 1, "distribution": "gaussian-table"}),
+    ("fg-w", {"directions": 3, "distribution": "gaussian-table"}),
     ("zo", {"directions": 2, "distribution": "lowrank", "direction_rank": 3}),
     ("zo", {"directions": 1}), ("zo", {"directions": 3}), ("zo-sign", {"directions": 2}),
     ("bp", {}),
@@ -305,9 +310,12 @@ def test_exact_head_with_a_frozen_body_trains_only_the_head():
 
 @pytest.mark.parametrize("options", [
     {"directions": 1}, {"directions": 3, "distribution": "lowrank", "direction_rank": 2},
+    {"directions": 1, "distribution": "gaussian-table"},
 ])
 @pytest.mark.parametrize("method", ["fg-w", "zo"])
 def test_exact_head_inplace_sgd_step_equals_step_then_sgd(method, options):
+    if method == "zo" and options.get("distribution") == "gaussian-table":
+        pytest.skip("zo regenerates its directions from the seed (no noise table)")
     """sgd_step with an exact head: the head updated in place too, nothing left in .grad."""
     lr, wd = 0.1, 0.01
     model, x, y = head_problem()
@@ -366,7 +374,8 @@ def test_exact_head_is_refused_with_data_parallel_reduction():
 
 # -- keeping the K directions of a step, or drawing them again -----------------------------
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "rank1", "lowrank"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "rank1", "lowrank",
+                                          "gaussian-table"])
 def test_kept_and_redrawn_directions_give_the_same_estimate(distribution):
     """keep_directions changes speed and memory only: the same directions, the same g (up
     to the rounding of Σ_k c_k v_k), in step() and in the in-place sgd_step()."""
@@ -400,6 +409,111 @@ def test_factored_directions_are_drawn_once_per_step(distribution, monkeypatch):
     make_estimator("fg-w", model, F.cross_entropy, distribution=distribution,
                    keep_directions=False).step(x, y)
     assert sorted(calls) == sorted(weights * 2)  # asked not to keep: drawn again for g
+
+
+# -- gaussian-table: directions read from a noise table ------------------------------------
+
+def test_noise_table_directions_are_unbiased_over_the_tables_draw():
+    """One direction per step (K = 1), each estimator with its own table (seed): the mean of
+    the estimates over tables converges to the gradient (relative error about
+    sqrt((n + 2) / runs) = sqrt(17 / 4000) ≈ 0.065)."""
+    model, x, y, exact = tiny_problem()
+    runs, total = 4000, torch.zeros_like(exact)
+    for seed in range(runs):
+        est = make_estimator("fg-w", model, F.cross_entropy, seed=seed,
+                             distribution="gaussian-table")
+        est.step(x, y)
+        total += torch.cat([p.grad.flatten() for p in model.parameters()])
+    g = total / runs
+    assert F.cosine_similarity(g, exact, dim=0) > 0.99
+    assert g.norm() / exact.norm() == pytest.approx(1.0, abs=0.25)
+
+
+def test_noise_table_directions_are_windows_of_a_table_drawn_once(monkeypatch):
+    """The table is drawn at the first step only; each step's direction is the table's window
+    at the step's offset, and .grad = d · v."""
+    from forwardonly.autodiff import directions
+    from forwardonly.seeding import mix_seed
+
+    draws = []
+    normal = directions.GaussianStream.normal
+    monkeypatch.setattr(directions.GaussianStream, "normal",
+                        lambda self, shape, **kw: draws.append(shape) or normal(self, shape, **kw))
+    model, x, y, _ = tiny_problem()
+    params = list(model.parameters())
+    est = make_estimator("fg-w", model, F.cross_entropy, seed=5, distribution="gaussian-table",
+                         table_factor=3)
+    seen = []
+    for _ in range(3):
+        seed = est.step_seed()
+        stats = est.step(x, y)
+        assert len(draws) == len(params)  # one table per tensor, drawn at the first step
+        table = est.noise_table()
+        window = []
+        for i, p in enumerate(params):
+            t, n = table._tables[i], p.numel()
+            assert t.numel() == 4 * n and torch.equal(t[3 * n:], t[:n])
+            o = mix_seed(seed, i) % (3 * n)
+            window.append(t[o:o + n])
+        v = torch.cat(window)
+        g = torch.cat([p.grad.flatten() for p in params])
+        d = g @ v / (v @ v)  # g = d v
+        torch.testing.assert_close(g, v * d, rtol=1e-12, atol=0)
+        assert abs(d.item()) == pytest.approx(stats["dir_deriv_rms"], rel=1e-12)
+        seen.append(v)
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    assert table.nbytes() == 4 * sum(p.numel() for p in params) * 8
+
+
+@pytest.mark.parametrize("directions", [1, 3])
+@pytest.mark.parametrize("model_kind", ["sequential", "module", "exact head"])
+def test_steps_leave_the_noise_table_unchanged(model_kind, directions):
+    """Directions are views of the table: no step (into .grad, in place, through a whole
+    module's torch.func.jvp, with an exact head) may write into them."""
+    from forwardonly.autodiff import NoiseTable
+
+    if model_kind == "sequential":
+        model, x, y, _ = tiny_problem()
+    else:
+        model, x, y = head_problem()
+    options = {"exact_head": True} if model_kind == "exact head" else {}
+    est = make_estimator("fg-w", model, F.cross_entropy, seed=2, directions=directions,
+                         distribution="gaussian-table", **options)
+    est.step(x, y)
+    est.sgd_step(x, y, lr=0.1)
+    est.step(x, y)
+    fresh, drawn = NoiseTable(2), est.noise_table()._tables
+    assert drawn
+    for i, t in drawn.items():
+        p = est.perturbed()[i]
+        assert torch.equal(t, fresh.table(i, directions * p.numel(), p)), (model_kind, i)
+
+
+def test_noise_table_follows_a_restored_seed():
+    model, x, y, _ = tiny_problem()
+    first = make_estimator("fg-w", model, F.cross_entropy, seed=7, distribution="gaussian-table")
+    first.step(x, y)
+    first.step(x, y)
+    expected = [p.grad.clone() for p in model.parameters()]
+    other = make_estimator("fg-w", model, F.cross_entropy, seed=1, distribution="gaussian-table")
+    other.step(x, y)  # draws seed 1's tables
+    state = first.state_dict()
+    state["steps_done"] = 1
+    other.load_state_dict(state)
+    other.step(x, y)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        assert torch.equal(p.grad, e)
+
+
+def test_noise_table_bad_input_is_a_clear_error():
+    model, x, y, _ = tiny_problem()
+    with pytest.raises(ValueError, match="table_factor must be a positive integer"):
+        make_estimator("fg-w", model, F.cross_entropy, distribution="gaussian-table",
+                       table_factor=0)
+    with pytest.raises(ValueError, match="got 'gaussian-table'"):
+        make_estimator("zo", model, F.cross_entropy, distribution="gaussian-table")
+    with pytest.raises(ValueError, match="pass table=NoiseTable"):
+        DirectionSampler("gaussian-table", 0).dense(0, torch.empty(3), 1)
 
 
 def test_auto_keeps_directions_when_they_fit_and_not_in_place():

@@ -27,6 +27,7 @@ from .activity import ActivityTrace, activity_forward, activity_rule_error
 from .directions import (
     ACTIVITY_DISTRIBUTIONS,
     DISTRIBUTIONS,
+    SEEDED_DISTRIBUTIONS,
     DirectionSampler,
     Factored,
     LowRank,
@@ -42,6 +43,7 @@ from .forward_mode import (
     streamed_jvp,
 )
 from .mixer import LayerTrace, WeightTangentFn, activity_weight_grads, block_forward, layer_forward
+from .noise_table import NoiseTable
 from .rules import (
     ACTIVATIONS,
     RULES,
@@ -59,6 +61,7 @@ from .rules import (
 
 __all__ = [
     "ACTIVATIONS", "ACTIVITY_DISTRIBUTIONS", "DISTRIBUTIONS", "HF_ATTENTION", "RULES",
+    "SEEDED_DISTRIBUTIONS", "NoiseTable",
     "ActivityTrace", "DirectionSampler", "Factored", "ForwardModeError", "LayerTrace", "LossFn",
     "LowRank", "NoiseFn", "Rank1", "TangentFn", "WeightTangentFn", "activation_jvp",
     "activity_forward", "activity_rule_error", "activity_weight_grads", "batched_jvp",

@@ -31,6 +31,10 @@ which is what makes ``g = (∇L·v) v`` an unbiased estimate of ``∇L``.
   r = 1 draws exactly the ``rank1`` directions (same generator, same layout), and a sum of
   ±1 products has lighter tails than a sum of Gaussian products (``E[V_jl⁴] = 3 − 2/r``
   against ``3(1 + 2/r)``), so the estimate's variance is lower. Vectors: plain Rademacher.
+- ``gaussian-table``: Gaussian entries read from a table drawn once per tensor, a window at
+  an offset chosen from the step's seed (Salimans et al. 2017): a view, no random numbers
+  drawn per step; unbiased over the table's draw, the memory of ``(factor + 1) · K`` times
+  the parameters (:mod:`forwardonly.autodiff.noise_table`).
 
 A tensor's direction can also be drawn in pieces, bit for bit the entries of the whole draw
 (:meth:`DirectionSampler.chunks`, :meth:`~DirectionSampler.rows`,
@@ -63,8 +67,12 @@ from torch import Tensor
 from .. import gaussian
 from ..gaussian import GAUSSIAN_LEVELS as GAUSSIAN_LEVELS
 from ..seeding import mix_seed
+from .noise_table import NoiseTable
 
-DISTRIBUTIONS = ("gaussian", "rademacher", "rank1", "lowrank")
+#: Distributions whose directions are regenerated from the step's seed alone.
+SEEDED_DISTRIBUTIONS = ("gaussian", "rademacher", "rank1", "lowrank")
+#: ``gaussian-table`` reads Gaussian directions from a :class:`NoiseTable` (fg-w).
+DISTRIBUTIONS = (*SEEDED_DISTRIBUTIONS, "gaussian-table")
 #: Activity tangents (one per unit and example) have no weight matrix to factor: no rank1 or
 #: lowrank.
 ACTIVITY_DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -324,13 +332,28 @@ class DirectionSampler:
         step_seed: the seed of this step (``Estimator.step_seed()``).
         valid: the distributions the caller accepts (a ``ValueError`` names them).
         rank: r of the ``lowrank`` directions (a positive integer; ignored by the others).
+        table: the :class:`NoiseTable` that ``gaussian-table`` directions are read from
+            (kept by the estimator across steps; ignored by the other distributions).
     """
 
     def __init__(self, distribution: str, step_seed: int, *,
-                 valid: tuple[str, ...] = DISTRIBUTIONS, rank: int = 4) -> None:
+                 valid: tuple[str, ...] = DISTRIBUTIONS, rank: int = 4,
+                 table: NoiseTable | None = None) -> None:
         self.distribution = check_distribution(distribution, valid)
         self.step_seed = step_seed
         self.rank = check_rank(rank)
+        self.table = table
+
+    @property
+    def reads_table(self) -> bool:
+        """Whether directions are views of a noise table (``gaussian-table``)."""
+        return self.distribution == "gaussian-table"
+
+    def _window(self, index: int, like: Tensor, k: int) -> Tensor:
+        if self.table is None:
+            raise ValueError("distribution 'gaussian-table' reads its directions from a noise "
+                             "table: pass table=NoiseTable(seed) to the DirectionSampler")
+        return self.table.window(self.step_seed, index, like, k)
 
     @_eager
     def generator(self, index: int, device: torch.device) -> Stream:
@@ -392,7 +415,11 @@ class DirectionSampler:
             else self.lowrank(index, like, k)
 
     def dense(self, index: int, like: Tensor, k: int, out: Tensor | None = None) -> Tensor:
-        """(k, *like.shape) directions of tensor ``index``; written into ``out`` if given."""
+        """(k, *like.shape) directions of tensor ``index``; written into ``out`` if given
+        (``gaussian-table``: a read-only view of the table unless ``out`` is given)."""
+        if self.reads_table:
+            v = self._window(index, like, k)
+            return v if out is None else out.copy_(v)
         if self.is_factored(like.shape):
             v = self.factors(index, like, k).materialize()
             return v if out is None else out.copy_(v)
@@ -416,6 +443,11 @@ class DirectionSampler:
             return
         q, row = like.shape[0], n // like.shape[0]
         step = max(1, max_entries // row)
+        if self.reads_table:  # views of the table's window
+            window = self.dense(index, like, 1)[0]
+            for start in range(0, q, step):
+                yield slice(start, min(start + step, q)), window[start:start + step]
+            return
         if self.is_factored(like.shape):
             factors = self.factors(index, like, 1)
             for start in range(0, q, step):
@@ -453,6 +485,8 @@ class DirectionSampler:
         if lo < -q or hi >= q:
             raise IndexError(f"row ids must lie in [-{q}, {q}), got {lo} .. {hi}")
         flat = flat.remainder(q)
+        if self.reads_table:
+            return self.dense(index, like, 1)[0][flat.to(like.device)].view((*ids.shape, *rest))
         if self.is_factored(like.shape):
             v = self.factors(index, like, 1).row_block(flat.to(like.device))[0]
             return v.view((*ids.shape, *rest))
@@ -519,6 +553,9 @@ class DirectionSampler:
                 return out
             g = drawn.combine(coeffs)
             return g if out is None else out.copy_(g)
+        if out is not None and out.is_contiguous() and k == 1:  # one direction: a scaled copy
+            torch.mul(drawn.reshape(-1), coeffs[0], out=out.view(-1))
+            return out
         if out is not None and out.is_contiguous():  # (n, K) @ (K,) -> (n,), no temporary
             torch.mv(drawn.reshape(k, -1).T, coeffs, out=out.view(-1))
             return out

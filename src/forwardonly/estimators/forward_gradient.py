@@ -22,7 +22,10 @@ formed when they fit
 the same directions either way, so the choice changes speed and memory only. Only parameters with
 ``requires_grad`` get a direction (``--train-params`` freezes the rest): the estimate is
 unbiased for the gradient restricted to that subspace, and frozen parameters get no ``.grad``.
-``distribution="lowrank"`` draws rank-``direction_rank`` directions for weight matrices.
+``distribution="lowrank"`` draws rank-``direction_rank`` directions for weight matrices;
+``distribution="gaussian-table"`` reads Gaussian directions as views of a per-tensor noise
+table drawn once (:mod:`forwardonly.autodiff.noise_table`): no random numbers per step, at
+the memory of ``(table_factor + 1) · K`` times the perturbed parameters.
 
 In place (``sgd_step``, K = 1) a model other than an ``nn.Sequential`` is streamed
 (:func:`~forwardonly.autodiff.streamed_jvp`): a module's parameter tangents exist only while
@@ -53,6 +56,7 @@ from ..autodiff import (
     DirectionSampler,
     ForwardModeError,
     LossFn,
+    NoiseTable,
     directional_derivatives,
     sequential_layers,
     streamed_directional_derivative,
@@ -60,6 +64,7 @@ from ..autodiff import (
 )
 from ..autodiff.directions import CHUNK_ENTRIES, Factored, Streamed, check_rank
 from ..autodiff.forward_mode import RowsFn
+from ..autodiff.noise_table import TABLE_FACTOR
 from ..autodiff.rules import TangentFn, batched_jvp, dense, failure_message
 from .base import (
     Estimator,
@@ -79,9 +84,11 @@ class ForwardGradient(Estimator):
         model, loss_fn, seed: see :class:`Estimator`.
         directions: K, the number of directions averaged per step (one batched pass).
         distribution: ``"gaussian"`` (Baydin et al.), ``"rademacher"``, ``"rank1"`` or
-            ``"lowrank"`` (see :mod:`forwardonly.autodiff.directions`).
+            ``"lowrank"`` or ``"gaussian-table"`` (see :mod:`forwardonly.autodiff.directions`).
         direction_rank: r of the ``lowrank`` directions, ``V = (1/√r) Σ_i b_i a_iᵀ`` per weight
             matrix (a positive integer; accepted and unused by the other distributions).
+        table_factor: entries of a ``gaussian-table`` tensor's table per entry of its K
+            directions (a positive integer; accepted and unused by the other distributions).
         exact_head: train ``model.head`` (an ``nn.Linear``) with its exact gradient from
             ``model.features(x)``, and draw directions for the other parameters only.
         keep_directions: keep the step's directions from the forward pass until ``g`` is
@@ -105,7 +112,8 @@ class ForwardGradient(Estimator):
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, directions: int = 1,
                  distribution: str = "gaussian", direction_rank: int = 4,
-                 exact_head: bool = False, keep_directions: bool | str = "auto",
+                 table_factor: int = TABLE_FACTOR, exact_head: bool = False,
+                 keep_directions: bool | str = "auto",
                  micro_batch: int | None = None, seed: int = 0) -> None:
         super().__init__(model, loss_fn, seed=seed)
         self.micro_batch = check_micro_batch(micro_batch)
@@ -119,12 +127,25 @@ class ForwardGradient(Estimator):
         DirectionSampler(distribution, 0)  # validates the name
         self.directions = int(directions)
         self.distribution = distribution
+        self.table_factor = NoiseTable(self.seed, table_factor).factor  # validates it
+        self._noise_table: NoiseTable | None = None
         self.exact_head = ExactHead(model, self.name) if exact_head else None
 
     def sampler(self, step_seed: int | None = None) -> DirectionSampler:
         """The directions of a step (by default the current one): distribution and rank."""
         seed = self.step_seed() if step_seed is None else step_seed
-        return DirectionSampler(self.distribution, seed, rank=self.direction_rank)
+        return DirectionSampler(self.distribution, seed, rank=self.direction_rank,
+                                table=self.noise_table())
+
+    def noise_table(self) -> NoiseTable | None:
+        """The tables of ``gaussian-table`` directions (``None`` for the other distributions):
+        made on first use, drawn from the estimator's seed (again if a restored state changed
+        it)."""
+        if self.distribution != "gaussian-table":
+            return None
+        if self._noise_table is None or self._noise_table.seed != self.seed:
+            self._noise_table = NoiseTable(self.seed, self.table_factor)
+        return self._noise_table
 
     def perturbed(self) -> list[nn.Parameter]:
         """The parameters that get directions: the trainable ones, less an exact head's."""
@@ -180,6 +201,11 @@ class ForwardGradient(Estimator):
                 if lr is None and self.keep_directions is not False:  # a few vectors: kept
                     kept[i] = v
                     return v
+            elif sampler.reads_table:  # a view of the table: kept at no cost, never redrawn
+                v = sampler.dense(i, p, k)
+                if lr is None or k > 1:  # (in place at K = 1, add_to reads the same view)
+                    kept[i] = v
+                return v
             elif lr is not None and k == 1 and p.dim() == 2 and p.numel() > CHUNK_ENTRIES:
                 return Streamed(sampler, i, p)  # in place, layer by layer: block by block
             elif k == 1 and lr is None:  # straight into .grad: no second buffer, no redraw

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from ..autodiff import DirectionSampler, LossFn
 from ..autodiff.directions import CHUNK_ENTRIES as _CHUNK_ENTRIES
-from ..autodiff.directions import check_rank
+from ..autodiff.directions import SEEDED_DISTRIBUTIONS, check_rank
 from ..seeding import mix_seed
 from .base import Estimator, ExactHead, check_micro_batch, register, split_batch
 from .frozen_prefix import FrozenPrefix
@@ -133,7 +133,7 @@ class ZerothOrder(Estimator):
         if not (math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
         self.direction_rank = check_rank(direction_rank)
-        DirectionSampler(distribution, 0)
+        DirectionSampler(distribution, 0, valid=SEEDED_DISTRIBUTIONS)
         self.directions = int(directions)
         self.distribution = distribution
         self.epsilon = float(epsilon)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forwardonly.autodiff import (
+    SEEDED_DISTRIBUTIONS,
     DirectionSampler,
     Factored,
     LowRank,
@@ -360,7 +361,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     dists = [d.strip() for d in str(args.distributions).split(",") if d.strip()]
     for d in dists:
-        DirectionSampler(d, 0)  # a clear error for an unknown name before measuring
+        # a clear error for an unknown name before measuring
+        DirectionSampler(d, 0, valid=SEEDED_DISTRIBUTIONS)
     stages = build_stages(args.depth, args.width, args.stages, in_features=args.in_features,
                           classes=args.classes, seed=args.seed)
     gen = torch.Generator().manual_seed(mix_seed(args.seed, 7))
