@@ -44,6 +44,8 @@ CASES = {
     "bp": dict(method="bp", lr=1e-2, augment=["shift"]),  # the augmentation stream too
     "zo": dict(method="zo", optimizer="sgd-inplace", lr=1e-2),
     "fg-w": dict(method="fg-w", lr=1e-2, warmup_epochs=0.5),
+    # the noise table is drawn again from the seed when the run resumes
+    "fg-w table": dict(method="fg-w", distribution="gaussian-table", table_factor=2, lr=1e-2),
 }
 
 
