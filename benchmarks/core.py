@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from benchmarks.common import add_data_dir, fit
 from benchmarks.report import REPO, Results, md_table
 from forwardonly import build_model, make_estimator
-from forwardonly.autodiff import DirectionSampler
+from forwardonly.autodiff import DirectionSampler, NoiseTable
 from forwardonly.seeding import mix_seed
 
 # label -> (method, options); "plain" labels are the torch.func baseline, not an estimator
@@ -50,7 +50,9 @@ STEP_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain vmap(jvp) K=8": ("plain", {"directions": 8}),
     "fg-w K=16 rank1": ("fg-w", {"directions": 16, "distribution": "rank1"}),
     "zo K=1": ("zo", {"directions": 1}),
+    "forward only": ("forward", {}),
     "draw only: gaussian": ("draw", {"distribution": "gaussian"}),
+    "draw only: gaussian-table": ("draw", {"distribution": "gaussian-table"}),
     "draw only: torch normal_": ("draw", {"distribution": "torch"}),
 }
 
@@ -80,12 +82,14 @@ class PlainForwardGradient:
 
 class DrawOnly:
     """One K=1 direction for every parameter, drawn into a gradient-sized buffer: the
-    library's sampler, or ``torch.Generator`` + ``normal_`` per tensor (what it used before)."""
+    library's sampler, or ``torch.Generator`` + ``normal_`` per tensor (what it used before);
+    ``gaussian-table`` directions are the table's views, as fg-w uses them (no copy)."""
 
     def __init__(self, model: torch.nn.Module, distribution: str) -> None:
         self.params = list(model.parameters())
         self.bufs = [torch.empty_like(p) for p in self.params]
         self.distribution, self.seed = distribution, 0
+        self.table = NoiseTable(0)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.seed += 1
@@ -93,9 +97,23 @@ class DrawOnly:
             for i, b in enumerate(self.bufs):
                 b.normal_(generator=torch.Generator().manual_seed(mix_seed(self.seed, i)))
             return
-        sampler = DirectionSampler(self.distribution, self.seed)
+        sampler = DirectionSampler(self.distribution, self.seed, table=self.table)
         for i, (p, b) in enumerate(zip(self.params, self.bufs, strict=True)):
-            sampler.dense(i, p, 1, out=b.unsqueeze(0))
+            if sampler.reads_table:
+                sampler.dense(i, p, 1)
+            else:
+                sampler.dense(i, p, 1, out=b.unsqueeze(0))
+
+
+class ForwardOnly:
+    """The model's forward pass on the batch, no graph: what a draw is measured against."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.model(x)
 
 
 def step_time_verdicts(rows: list[dict[str, Any]]) -> str:
@@ -120,6 +138,15 @@ def step_time_verdicts(rows: list[dict[str, Any]]) -> str:
                 verdict = "met" if ours <= plain else "not met"
                 lines.append(f"{label} at batch {batch}: {ours}× bp against plain "
                              f"vmap(jvp)'s {plain}× (target: at least as fast): {verdict}")
+    for batch in sorted({r["batch"] for r in rows}):
+        forward = ratio("forward only", batch)
+        for label in ("draw only: gaussian", "draw only: gaussian-table"):
+            draw = ratio(label, batch)
+            if forward is not None and draw is not None:
+                verdict = "met" if draw <= forward else "not met"
+                lines.append(f"{label.removeprefix('draw only: ')} direction at batch {batch}: "
+                             f"{draw}× bp against the forward pass's {forward}× (target: no "
+                             f"more than the forward pass): {verdict}")
     return "\n\nAt one thread: " + "; ".join(lines) + "." if lines else ""
 
 
@@ -141,6 +168,7 @@ def step_time(args: argparse.Namespace, res: Results) -> None:
                 steppers[label] = (PlainForwardGradient(model, opts["directions"])
                                    if method == "plain" else
                                    DrawOnly(model, opts["distribution"]) if method == "draw"
+                                   else ForwardOnly(model) if method == "forward"
                                    else make_estimator(method, model, F.cross_entropy, **opts))
             steps = args.steps or max(2, 1024 // batch)
             times: dict[str, list[float]] = {label: [] for label in labels}
@@ -198,7 +226,9 @@ def step_time(args: argparse.Namespace, res: Results) -> None:
             "the same passes without the draw; what remains above bp at batch 64 is scaling "
             "each direction into `.grad` (one more pass over the 1.86 M entries, about a "
             "tenth of the step in a profile) and the step's fixed work in Python. "
-            "*draw only* rows: one direction for every parameter, the library's Gaussian "
+            "*forward only*: the model's forward pass on the batch without a graph. "
+            "*draw only* rows: one direction for every parameter (*gaussian-table*: the "
+            "table's views, as fg-w takes them), the library's Gaussian "
             "(16 random bits and a table lookup per entry) against `torch.Generator` + "
             "`normal_` per tensor, its generator before.\n\n" + md_table(header, table)
             + step_time_verdicts(rows))

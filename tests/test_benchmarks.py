@@ -112,12 +112,18 @@ def test_step_time_verdicts_say_which_target_is_met_and_by_how_much() -> None:
     text = step_time_verdicts([row("fg-w K=1", 64, 1.5), row("fg-w K=1", 1024, 0.9),
                                row("fg-w K=1 rank1", 64, 0.88), row("fg-w K=8", 64, 11.0),
                                row("plain vmap(jvp) K=8", 64, 19.0),
-                               row("fg-w K=1 gaussian-table", 64, 1.1)])
+                               row("fg-w K=1 gaussian-table", 64, 1.1),
+                               row("forward only", 64, 0.3), row("draw only: gaussian", 64, 0.5),
+                               row("draw only: gaussian-table", 64, 0.01)])
     assert "fg-w K=1 at batch 64: 1.5× bp (target ≤ 1.2×): not met, 25% over" in text
     assert "fg-w K=1 at batch 1024: 0.9× bp (target ≤ 0.9×): met" in text
     assert "fg-w K=1 rank1 at batch 64: 0.88× bp (target ≤ 0.8×): not met, 10% over" in text
     assert "plain vmap(jvp)'s 19.0× (target: at least as fast): met" in text
     assert "fg-w K=1 gaussian-table at batch 64: 1.1× bp (target ≤ 1.2×): met" in text
+    assert "gaussian direction at batch 64: 0.5× bp against the forward pass's 0.3× (target: " \
+        "no more than the forward pass): not met" in text
+    assert "gaussian-table direction at batch 64: 0.01× bp against the forward pass's 0.3×" \
+        in text
     assert step_time_verdicts([row("bp", 64, 1.0)]) == ""
 
 
