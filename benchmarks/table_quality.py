@@ -8,7 +8,8 @@ from the results (one fixed learning rate for all), so the test error is reporte
 mean and standard deviation over seeds, with the final epoch's training loss.
 
     python -m benchmarks core-table-quality                     # digits, K = 1 and 8, ~5 min
-    python -m benchmarks core-table-quality --dataset mnist --widths 256 256 --epochs 2
+    python -m benchmarks core-table-quality --dataset mnist --widths 256 256 --batch-size 64 \
+        --lr 3e-4 --epochs 5 --seeds 3 --directions 1 --table-factors 4
 """
 
 from __future__ import annotations
@@ -88,5 +89,5 @@ def run(name: str, args: argparse.Namespace, res: Results) -> None:
             "seeds of the last epoch's test error and mean training loss; *s/epoch* includes "
             "evaluation.\n\n" + md_table(
                 ["K", "directions", "test error %", "train loss", "s/epoch"], table))
-    res.write("table_quality", rows, title=f"Noise-table directions against fresh draws "
-              f"(fg-w, {args.dataset})", text=text)
+    res.write(f"table_quality_{args.dataset}", rows, text=text,
+              title=f"Noise-table directions against fresh draws (fg-w, {args.dataset})")

@@ -51,7 +51,7 @@ def test_table_quality_trains_both_ways_and_summarises_over_seeds(tmp_path: Path
 
     main(["core-table-quality", "--out", str(tmp_path), "--epochs", "1", "--seeds", "2",
           "--directions", "2", "--table-factors", "3", "--widths", "4"])
-    with (tmp_path / "core-table-quality" / "table_quality.csv").open() as fh:
+    with (tmp_path / "core-table-quality" / "table_quality_digits.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [r["distribution"] for r in rows] == ["gaussian", "gaussian-table ×3"]
     assert all(r["seeds"] == "2" and r["directions"] == "2" for r in rows)

@@ -421,9 +421,8 @@ MODEL_OPTIONS = ("model_path", "widths", "activation", "channels", "preset", "bl
                  "patches", "width", "groups", "ff_mode", "ff_goodness", "ff_readout",
                  "ff_readout_from", "ff_label_scale", "ff_normalize_input", "ff_precision")
 METHOD_OPTIONS = ("directions", "distribution", "direction_rank", "table_factor", "exact_head",
-                  "epsilon",
-                  "micro_batch", "freeze_backbone", "ff_threshold", "ff_temperature", "ff_loss",
-                  "ff_negatives", "ff_peer_weight", "ff_blur_steps")
+                  "epsilon", "micro_batch", "freeze_backbone", "ff_threshold", "ff_temperature",
+                  "ff_loss", "ff_negatives", "ff_peer_weight", "ff_blur_steps")
 # Config names whose parameter is spelled differently (the FF options drop their prefix).
 PARAM_NAMES: dict[str, str] = {name: name.removeprefix("ff_") for name in (
     *MODEL_OPTIONS, *METHOD_OPTIONS) if name.startswith("ff_")}
