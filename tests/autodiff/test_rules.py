@@ -126,14 +126,15 @@ def test_run_layers_equals_torch_func_with_rules_and_the_generic_path(k):
         torch.testing.assert_close(out_dot[i], ref_dot, **TOL)
 
 
-def test_run_layers_with_rank1_tangents_equals_dense():
+@pytest.mark.parametrize("k", [1, K])  # one direction: the in-place rank-one update
+def test_run_layers_with_rank1_tangents_equals_dense(k):
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).double()
     sampler = DirectionSampler("rank1", 8)
     index = {id(p): i for i, p in enumerate(model.parameters())}
 
     def factored(p):
-        return sampler.rank1(index[id(p)], p, K) if p.dim() == 2 else sampler.dense(
-            index[id(p)], p, K)
+        return sampler.rank1(index[id(p)], p, k) if p.dim() == 2 else sampler.dense(
+            index[id(p)], p, k)
 
     def dense(p):
         t = factored(p)
@@ -141,8 +142,8 @@ def test_run_layers_with_rank1_tangents_equals_dense():
 
     x = torch.randn(6, 5, dtype=f64)
     with torch.no_grad():
-        _, fast = run_layers(sequential_layers(model), x, None, factored, K)
-        _, ref = run_layers(sequential_layers(model), x, None, dense, K)
+        _, fast = run_layers(sequential_layers(model), x, None, factored, k)
+        _, ref = run_layers(sequential_layers(model), x, None, dense, k)
     torch.testing.assert_close(fast, ref, **TOL)
 
 

@@ -69,6 +69,9 @@ def linear_jvp(h: Tensor, h_dot: Tensor | None, weight: Tensor, bias: Tensor | N
         ``ẏ`` is a new buffer the caller owns.
     """
     out = F.linear(h, weight, bias)
+    if h.dim() == 2 and not isinstance(w_dot, (LowRank, Streamed)) \
+            and _one_direction(h_dot, w_dot, b_dot):
+        return out, _linear_jvp_one(h, h_dot, weight, w_dot, b_dot)
     y_dot = None if h_dot is None else h_dot @ weight.T  # (K, ..., q)
     if w_dot is not None:
         if isinstance(w_dot, Rank1):
@@ -88,12 +91,6 @@ def linear_jvp(h: Tensor, h_dot: Tensor | None, weight: Tensor, bias: Tensor | N
             for rows, block in w_dot.blocks():
                 flat_y[:, rows].addmm_(flat_h, block.T, beta=beta)  # beta 0: ignore empty
             term = None
-        elif w_dot.shape[0] == 1 and h.dim() == 2:  # accumulate in place: no (B, q) buffer
-            if y_dot is None:
-                y_dot = (h @ w_dot[0].T).unsqueeze(0)
-            else:
-                y_dot[0].addmm_(h, w_dot[0].T)
-            term = None
         elif h.dim() == 1:  # (K, q, p) @ (p,) -> (K, q)
             term = w_dot @ h
         else:  # (1, ..., p) @ (K, 1.., p, q) -> (K, ..., q)
@@ -107,6 +104,41 @@ def linear_jvp(h: Tensor, h_dot: Tensor | None, weight: Tensor, bias: Tensor | N
         y_dot = tb.expand(b_dot.shape[0], *out.shape).clone() if y_dot is None \
             else y_dot.add_(tb)
     return out, y_dot
+
+
+def _one_direction(h_dot: Tensor | None, w_dot: Tensor | Rank1 | None,
+                   b_dot: Tensor | None) -> bool:
+    """Whether the tangents given (at least one) are a single direction (K = 1)."""
+    w = w_dot.b if isinstance(w_dot, Rank1) else w_dot
+    ks = [t.shape[0] for t in (h_dot, w, b_dot) if t is not None]
+    return bool(ks) and all(k == 1 for k in ks)
+
+
+def _linear_jvp_one(h: Tensor, h_dot: Tensor | None, weight: Tensor,
+                    w_dot: Tensor | Rank1 | None, b_dot: Tensor | None) -> Tensor | None:
+    """``ẏ`` of :func:`linear_jvp` for one direction (K = 1) and a ``(B, p)`` input, with
+    2-D products that add the bias tangent and accumulate into one ``(B, q)`` buffer:
+    ``ẏ = ḃ + ḣ Wᵀ`` (addmm), then ``+= h Vᵀ`` (addmm_) or ``+= (h a) bᵀ`` (addr_)."""
+    bias = None if b_dot is None else b_dot[0]
+    y_dot = None
+    if h_dot is not None:
+        y_dot = h_dot[0] @ weight.T if bias is None else torch.addmm(bias, h_dot[0], weight.T)
+    elif isinstance(w_dot, Rank1):
+        u = h @ w_dot.a[0]  # (B,)
+        y_dot = torch.outer(u, w_dot.b[0]) if bias is None else torch.addr(bias, u, w_dot.b[0])
+        return y_dot.unsqueeze(0)
+    elif w_dot is not None:
+        y_dot = h @ w_dot[0].T if bias is None else torch.addmm(bias, h, w_dot[0].T)
+        return y_dot.unsqueeze(0)
+    elif bias is not None:  # only the bias moves
+        return bias.expand(h.shape[0], -1).clone().unsqueeze(0)
+    else:
+        return None
+    if isinstance(w_dot, Rank1):
+        y_dot.addr_(h @ w_dot.a[0], w_dot.b[0])
+    elif w_dot is not None:
+        y_dot.addmm_(h, w_dot[0].T)
+    return y_dot.unsqueeze(0)
 
 
 def _lift(v: Tensor, dims: int) -> Tensor:
