@@ -49,6 +49,8 @@ COLUMNS = ["method", "setting", "train_examples", "steps", "dev_accuracy", "test
 LAST = ["encoder.encoder.layer.5.*", "head.*"]  # the last encoder layer and the head
 # BitFit's subspace (Ben Zaken et al. 2022) and the LayerNorms: 31,490 parameters of 22.7 M
 BITFIT = ["*.bias", "*LayerNorm*", "head.*"]
+# the LayerNorms alone (9,984 parameters) and the head
+LAYERNORM = ["*LayerNorm*", "head.*"]
 # zeroth order on the last layer (rank-4 directions) with the exact head at 10x the rate
 ZO_SUBSPACE: dict[str, Any] = {"method": "zo", "distribution": "lowrank", "exact_head": True,
                                "train_params": LAST, "optimizer": "adam",
@@ -76,6 +78,14 @@ METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
     # 1/57 of the last layer's dimensions, spread over the whole encoder
     "fg-w bitfit": ({"method": "fg-w", "exact_head": True, "train_params": BITFIT,
                      "optimizer": "adam"}, [1e-3, 3e-3]),
+    # forward gradient on the LayerNorms alone: a third of BitFit's dimensions
+    "fg-w layernorm": ({"method": "fg-w", "exact_head": True, "train_params": LAYERNORM,
+                        "optimizer": "adam"}, [1e-3, 3e-3]),
+    # backprop restricted to the same subspaces: what they reach with exact gradients
+    "bp bitfit": ({"method": "bp", "optimizer": "adam", "train_params": BITFIT},
+                  [1e-4, 1e-3]),
+    "bp layernorm": ({"method": "bp", "optimizer": "adam", "train_params": LAYERNORM},
+                     [1e-4, 1e-3]),
     # LP-FT (Kumar et al. 2022): start from the chosen linear probe's run ("init_from":
     # "probe" is resolved to it), then fine-tune the last layer and the head forward-only
     "zo subspace LP-FT": ({"method": "zo", "distribution": "lowrank", "exact_head": True,
@@ -97,11 +107,12 @@ ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "zo subspace, no prefix reuse": {"reuse_prefix": False},
 }
 ACCURACY_METHODS = ["probe", "bp", "zo", "zo exact-head", "fg-w", "zo subspace",
-                    "fg-w subspace", "fg-w bitfit", "zo subspace LP-FT", "fg-w subspace LP-FT"]
+                    "fg-w subspace", "fg-w bitfit", "fg-w layernorm", "bp bitfit",
+                    "bp layernorm", "zo subspace LP-FT", "fg-w subspace LP-FT"]
 # memory and speed: an LP-FT variant's step is its plain variant's
 STEP_METHODS = [label for label in METHODS if not label.endswith("LP-FT")]
 FORWARD_ONLY = ["zo", "zo exact-head", "fg-w", "zo subspace", "fg-w subspace", "fg-w bitfit",
-                "zo subspace LP-FT", "fg-w subspace LP-FT"]
+                "fg-w layernorm", "zo subspace LP-FT", "fg-w subspace LP-FT"]
 
 
 def describe(label: str) -> str:

@@ -93,8 +93,8 @@ class TrainConfig:
     table_factor: int = _f(4, "Size of each tensor's noise table (--distribution "
                            "gaussian-table) in entries per entry of its K directions. For one "
                            "table the directions' second moment is a fixed matrix near I "
-                           "(eigenvalues about (1 ± 1/√factor)²): larger is closer to fresh "
-                           "draws and costs more memory.")
+                           "(eigenvalues of mean 1, spread about 1/√factor): larger is closer "
+                           "to fresh draws and costs more memory.")
     exact_head: bool = _f(False, "zo, fg-w: train the model's linear head with its exact "
                           "gradient (it needs only the pooled features, no backprop into the "
                           "encoder) and perturb only the rest.")

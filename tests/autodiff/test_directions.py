@@ -490,3 +490,21 @@ def test_numpy_stream_draws_the_same_entries_as_the_tensor_stream():
     assert gaussian.GaussianStream(9).array((4, 5), out=out) is out
     with pytest.raises(ValueError, match="C-contiguous"):
         gaussian.GaussianStream(9).array((5, 4), out=out.T)
+
+
+@pytest.mark.parametrize("factor", [4, 16])
+def test_one_noise_tables_second_moment_has_mean_eigenvalue_one_and_spread_one_over_root_factor(
+        factor):
+    """For one fixed table, E[v vᵀ] over the step's offset is M = (1/L) Σ_o w_o w_oᵀ (every
+    window w_o of the L offsets): positive semi-definite, mean eigenvalue about 1 (the mean
+    square of the table's entries) and a spread of about 1/√factor, as the module says."""
+    n = 300
+    table = NoiseTable(3, factor)
+    t = table.table(0, n, torch.empty(n, dtype=torch.float64))
+    length = factor * n
+    windows = t.unfold(0, n, 1)[:length]  # (L, n): every window
+    m = windows.T @ windows / length
+    eig = torch.linalg.eigvalsh(m)
+    assert eig.min() > 0
+    assert eig.mean().item() == pytest.approx(1.0, abs=0.05)
+    assert eig.std().item() == pytest.approx(factor ** -0.5, rel=0.3)

@@ -18,10 +18,11 @@ What this keeps and what it changes:
   mean 0 and variance 1. Over the table's draw a step's directions are therefore exactly what a
   fresh draw gives: ``E[v] = 0``, ``E[v vᵀ] = I``, so ``g = (∇L·v) v`` is unbiased.
 - For one fixed table, ``E[v vᵀ]`` over the offset is ``M = (1/L) Σ_o w_o w_oᵀ`` (the windows
-  ``w_o``): positive semi-definite and close to ``I`` — like the sample covariance of ``L``
-  vectors in ``K · n`` dimensions, its eigenvalues lie near
-  ``[(1 − 1/√factor)², (1 + 1/√factor)²]`` (Marchenko–Pastur; about [0.25, 2.25] at factor 4).
-  The expected step is ``M ∇L``: a descent direction with the same stationary points, as if
+  ``w_o``): positive semi-definite, a block of the circulant matrix of the table's circular
+  autocorrelation. Its eigenvalues have mean 1 and a spread of about ``1/√factor`` (for a
+  3,000-entry tensor: standard deviation 0.50 at factor 4, 0.25 at factor 16; 98% of them in
+  [0.26, 2.53] at factor 4, the extremes 0.19 and 3.27, widening slowly with the size). The
+  expected step is ``M ∇L``: a descent direction with the same stationary points, as if
   preconditioned by a fixed random matrix. A larger factor brings ``M`` closer to ``I``.
 - Steps reuse table entries, so directions of different steps are dependent (two windows that
   overlap are shifts of each other); each step's direction alone is distributed as a fresh one.
