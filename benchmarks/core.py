@@ -221,14 +221,16 @@ def step_time(args: argparse.Namespace, res: Results) -> None:
             "adds a few percent of the step on top. "
             "*gaussian-table* rows read each direction as a view of a per-tensor noise table "
             "drawn once (Salimans et al. 2017; `--distribution gaussian-table`, table factor "
-            "4: five times the K directions' memory, unbiased over the table's draw, see "
+            "4: five times the K directions' memory; for one table the expected estimate is "
+            "M∇L with M near I, see "
             "`forwardonly/autodiff/noise_table.py`; training quality: `core-table-quality`): "
             "the same passes without the draw; what remains above bp at batch 64 is scaling "
             "each direction into `.grad` (one more pass over the 1.86 M entries, about a "
             "tenth of the step in a profile) and the step's fixed work in Python. "
             "*forward only*: the model's forward pass on the batch without a graph. "
             "*draw only* rows: one direction for every parameter (*gaussian-table*: the "
-            "table's views, as fg-w takes them), the library's Gaussian "
+            "table's views, as fg-w takes them: no draw at all, so its verdict against the "
+            "forward pass holds by construction), the library's Gaussian "
             "(16 random bits and a table lookup per entry) against `torch.Generator` + "
             "`normal_` per tensor, its generator before.\n\n" + md_table(header, table)
             + step_time_verdicts(rows))

@@ -63,8 +63,10 @@ def run(name: str, args: argparse.Namespace, res: Results) -> None:
         for label, opts in variants(args.table_factors):
             last = []
             for seed in range(args.seeds):
-                tag = f"{args.dataset}-k{k}-{opts['distribution']}" \
-                      f"{opts.get('table_factor', '')}-s{seed}-e{args.epochs}"
+                widths = "x".join(map(str, args.widths))
+                tag = f"{args.dataset}-w{widths}-b{args.batch_size}-lr{args.lr:g}-k{k}-" \
+                      f"{opts['distribution']}{opts.get('table_factor', '')}-s{seed}-" \
+                      f"e{args.epochs}"
                 run_dir = res.run_dir(tag)
                 cfg = from_dict({
                     "dataset": args.dataset, "data_dir": args.data_dir, "model": "mlp",

@@ -56,8 +56,9 @@ def test_table_quality_trains_both_ways_and_summarises_over_seeds(tmp_path: Path
     assert [r["distribution"] for r in rows] == ["gaussian", "gaussian-table ×3"]
     assert all(r["seeds"] == "2" and r["directions"] == "2" for r in rows)
     runs = sorted(p.name for p in (tmp_path / "core-table-quality" / "runs").iterdir())
-    assert runs == ["digits-k2-gaussian-s0-e1", "digits-k2-gaussian-s1-e1",
-                    "digits-k2-gaussian-table3-s0-e1", "digits-k2-gaussian-table3-s1-e1"]
+    stem = "digits-w4-b16-lr0.003-k2"
+    assert runs == [f"{stem}-gaussian-s0-e1", f"{stem}-gaussian-s1-e1",
+                    f"{stem}-gaussian-table3-s0-e1", f"{stem}-gaussian-table3-s1-e1"]
     config = (tmp_path / "core-table-quality" / "runs" / runs[2] / "config.yaml").read_text()
     assert "gaussian-table" in config and "table_factor: 3" in config
 

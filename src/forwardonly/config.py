@@ -86,15 +86,16 @@ class TrainConfig:
                            "(V = b aᵀ per weight matrix), lowrank (rank --direction-rank), "
                            "gaussian-table (fg-w, fg-sign: Gaussian directions read as views "
                            "of a noise table drawn once, at an offset chosen each step: no "
-                           "random numbers per step; unbiased over the table's draw, and "
-                           "(--table-factor + 1) × K × the parameters of memory).")
+                           "random numbers per step; for one table the expected estimate is "
+                           "M∇L with M near I rather than ∇L, and it takes (--table-factor + "
+                           "1) × K × the parameters of memory).")
     direction_rank: int = _f(4, "Rank r of the lowrank directions (--distribution lowrank): "
                              "V = B Aᵀ/√r per weight matrix, still E[vvᵀ] = I.")
     table_factor: int = _f(4, "Size of each tensor's noise table (--distribution "
                            "gaussian-table) in entries per entry of its K directions. For one "
-                           "table the directions' second moment is a fixed matrix near I "
-                           "(eigenvalues of mean 1, spread about 1/√factor): larger is closer "
-                           "to fresh draws and costs more memory.")
+                           "table the directions' second moment is a fixed matrix M "
+                           "(eigenvalues of mean 1, spread about 1/√factor; at 1 some are near "
+                           "0): larger is closer to fresh draws and costs more memory.")
     exact_head: bool = _f(False, "zo, fg-w: train the model's linear head with its exact "
                           "gradient (it needs only the pooled features, no backprop into the "
                           "encoder) and perturb only the rest.")

@@ -49,13 +49,14 @@ def test_linear_jvp_equals_torch_func(batch, k, form):
     torch.testing.assert_close(out_dot, ref_dot, **TOL)
 
 
-def test_linear_jvp_zero_tangents():
+@pytest.mark.parametrize("k", [1, 2])  # one direction takes its own 2-D path
+def test_linear_jvp_zero_tangents(k):
     """Missing tangents count as zero; with none at all the tangent stays None."""
     h, w, b = torch.randn(5, 4, dtype=f64), torch.randn(3, 4, dtype=f64), torch.randn(3, dtype=f64)
-    zero_h, zero_w = torch.zeros(2, 5, 4, dtype=f64), torch.zeros(2, 3, 4, dtype=f64)
-    zero_b = torch.zeros(2, 3, dtype=f64)
-    w_dot, b_dot, h_dot = torch.randn(2, 3, 4, dtype=f64), torch.randn(2, 3, dtype=f64), \
-        torch.randn(2, 5, 4, dtype=f64)
+    zero_h, zero_w = torch.zeros(k, 5, 4, dtype=f64), torch.zeros(k, 3, 4, dtype=f64)
+    zero_b = torch.zeros(k, 3, dtype=f64)
+    w_dot, b_dot, h_dot = torch.randn(k, 3, 4, dtype=f64), torch.randn(k, 3, dtype=f64), \
+        torch.randn(k, 5, 4, dtype=f64)
     assert linear_jvp(h, None, w, b)[1] is None
     for args, ref_args in [((None, w_dot, None), (zero_h, w_dot, zero_b)),
                            ((None, None, b_dot), (zero_h, zero_w, b_dot)),

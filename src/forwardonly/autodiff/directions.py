@@ -3,7 +3,8 @@
 Tensor ``i`` of a step is drawn from its own generator seeded with ``mix_seed(step_seed, i)``,
 so any tensor's direction can be drawn again, in any order, on any rank, after a resume —
 only the seed needs to be kept. Every distribution has ``E[v] = 0`` and ``E[v vᵀ] = I``,
-which is what makes ``g = (∇L·v) v`` an unbiased estimate of ``∇L``.
+which is what makes ``g = (∇L·v) v`` an unbiased estimate of ``∇L`` (``gaussian-table``:
+see below).
 
 - ``gaussian``: ``v ~ N(0, I)`` (Baydin et al. 2022). ``E‖g‖² = (n + 2)‖∇L‖²``. On the
   CPU each entry is one of 2¹⁶ equiprobable levels: the mean of N(0, 1) over each of 2¹⁶
@@ -33,8 +34,10 @@ which is what makes ``g = (∇L·v) v`` an unbiased estimate of ``∇L``.
   against ``3(1 + 2/r)``), so the estimate's variance is lower. Vectors: plain Rademacher.
 - ``gaussian-table``: Gaussian entries read from a table drawn once per tensor, a window at
   an offset chosen from the step's seed (Salimans et al. 2017): a view, no random numbers
-  drawn per step; unbiased over the table's draw, the memory of ``(factor + 1) · K`` times
-  the parameters (:mod:`forwardonly.autodiff.noise_table`).
+  drawn per step. A step's directions alone are distributed as fresh ones; for one table the
+  expected estimate is ``M ∇L`` with ``M`` near ``I`` (not ``∇L``: see
+  :mod:`forwardonly.autodiff.noise_table`); the memory of ``(factor + 1) · K`` times the
+  parameters.
 
 A tensor's direction can also be drawn in pieces, bit for bit the entries of the whole draw
 (:meth:`DirectionSampler.chunks`, :meth:`~DirectionSampler.rows`,
@@ -349,7 +352,10 @@ class DirectionSampler:
         """Whether directions are views of a noise table (``gaussian-table``)."""
         return self.distribution == "gaussian-table"
 
+    @_eager
     def _window(self, index: int, like: Tensor, k: int) -> Tensor:
+        """Tensor ``index``'s K directions: a view of the noise table (drawn with numpy and
+        offset by an integer hash of the seed: eager inside a compiled step)."""
         if self.table is None:
             raise ValueError("distribution 'gaussian-table' reads its directions from a noise "
                              "table: pass table=NoiseTable(seed) to the DirectionSampler")

@@ -15,17 +15,23 @@ from ``o = mix_seed(step seed, index) mod L`` on, cut into K tensors.
 What this keeps and what it changes:
 
 - A window covers ``K · n ≤ L`` distinct table positions, whose entries are independent with
-  mean 0 and variance 1. Over the table's draw a step's directions are therefore exactly what a
-  fresh draw gives: ``E[v] = 0``, ``E[v vᵀ] = I``, so ``g = (∇L·v) v`` is unbiased.
-- For one fixed table, ``E[v vᵀ]`` over the offset is ``M = (1/L) Σ_o w_o w_oᵀ`` (the windows
-  ``w_o``): positive semi-definite, a block of the circulant matrix of the table's circular
-  autocorrelation. Its eigenvalues have mean 1 and a spread of about ``1/√factor`` (for a
-  3,000-entry tensor: standard deviation 0.50 at factor 4, 0.25 at factor 16; 98% of them in
-  [0.26, 2.53] at factor 4, the extremes 0.19 and 3.27, widening slowly with the size). The
-  expected step is ``M ∇L``: a descent direction with the same stationary points, as if
-  preconditioned by a fixed random matrix. A larger factor brings ``M`` closer to ``I``.
+  mean 0 and variance 1: over the table's draw, one step's directions alone are distributed
+  as a fresh draw (``E[v] = 0``, ``E[v vᵀ] = I``). So the first step's estimate is unbiased;
+  later steps are not, in general: the parameters they start from depend on the table through
+  the windows used before.
+- What holds at every step is the fixed-table statement: over the step's offset, ``E[v vᵀ]``
+  is ``M = (1/L) Σ_o w_o w_oᵀ`` (the windows ``w_o``), so the expected estimate is ``M ∇L``: a
+  descent direction (``M`` is positive semi-definite) with the same stationary points where
+  ``M`` is positive definite, as if preconditioned by a fixed random matrix. ``M`` is a block of
+  the circulant matrix of the table's circular autocorrelation; its eigenvalues have mean 1
+  and a spread of about ``1/√factor`` (for 3,000-entry tensors: standard deviation 0.50 at
+  factor 4 and 0.25 at factor 16; at factor 4, 98% of them in about [0.26, 2.5], the extremes
+  depending on the draw, a smallest of 0.12–0.19 and a largest of about 3.3, widening slowly
+  with the size). At factor 1 every offset is used and ``M`` is the whole circulant, whose
+  eigenvalues spread like an exponential distribution, some near 0: a factor of at least 4 is
+  the useful range. A larger factor brings ``M`` closer to ``I``.
 - Steps reuse table entries, so directions of different steps are dependent (two windows that
-  overlap are shifts of each other); each step's direction alone is distributed as a fresh one.
+  overlap are shifts of each other).
 - Memory: ``(factor + 1) · K`` times the perturbed parameters, for the whole run.
 """
 

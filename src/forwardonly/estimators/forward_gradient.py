@@ -127,7 +127,9 @@ class ForwardGradient(Estimator):
         DirectionSampler(distribution, 0)  # validates the name
         self.directions = int(directions)
         self.distribution = distribution
-        self.table_factor = NoiseTable(self.seed, table_factor).factor  # validates it
+        self.table_factor = table_factor
+        if distribution == "gaussian-table":
+            NoiseTable(self.seed, table_factor)  # validates it
         self._noise_table: NoiseTable | None = None
         self.exact_head = ExactHead(model, self.name) if exact_head else None
 
