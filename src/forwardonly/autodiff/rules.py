@@ -120,25 +120,22 @@ def _linear_jvp_one(h: Tensor, h_dot: Tensor | None, weight: Tensor,
     2-D products that add the bias tangent and accumulate into one ``(B, q)`` buffer:
     ``ẏ = ḃ + ḣ Wᵀ`` (addmm), then ``+= h Vᵀ`` (addmm_) or ``+= (h a) bᵀ`` (addr_)."""
     bias = None if b_dot is None else b_dot[0]
-    y_dot = None
-    if h_dot is not None:
-        y_dot = h_dot[0] @ weight.T if bias is None else torch.addmm(bias, h_dot[0], weight.T)
-    elif isinstance(w_dot, Rank1):
-        u = h @ w_dot.a[0]  # (B,)
-        y_dot = torch.outer(u, w_dot.b[0]) if bias is None else torch.addr(bias, u, w_dot.b[0])
-        return y_dot.unsqueeze(0)
-    elif w_dot is not None:
-        y_dot = h @ w_dot[0].T if bias is None else torch.addmm(bias, h, w_dot[0].T)
-        return y_dot.unsqueeze(0)
-    elif bias is not None:  # only the bias moves
-        return bias.expand(h.shape[0], -1).clone().unsqueeze(0)
-    else:
-        return None
+    if h_dot is None and w_dot is None:  # only the bias moves, or nothing
+        return None if bias is None else bias.expand(h.shape[0], -1).clone().unsqueeze(0)
+    if h_dot is None:  # the weight's tangent product starts the buffer
+        assert w_dot is not None
+        if isinstance(w_dot, Rank1):
+            u, b = h @ w_dot.a[0], w_dot.b[0]
+            y = torch.outer(u, b) if bias is None else torch.addr(bias, u, b)
+        else:
+            y = h @ w_dot[0].T if bias is None else torch.addmm(bias, h, w_dot[0].T)
+        return y.unsqueeze(0)
+    y = h_dot[0] @ weight.T if bias is None else torch.addmm(bias, h_dot[0], weight.T)
     if isinstance(w_dot, Rank1):
-        y_dot.addr_(h @ w_dot.a[0], w_dot.b[0])
+        y.addr_(h @ w_dot.a[0], w_dot.b[0])
     elif w_dot is not None:
-        y_dot.addmm_(h, w_dot[0].T)
-    return y_dot.unsqueeze(0)
+        y.addmm_(h, w_dot[0].T)
+    return y.unsqueeze(0)
 
 
 def _lift(v: Tensor, dims: int) -> Tensor:
