@@ -127,10 +127,9 @@ class ForwardGradient(Estimator):
         DirectionSampler(distribution, 0)  # validates the name
         self.directions = int(directions)
         self.distribution = distribution
-        self.table_factor = table_factor
-        if distribution == "gaussian-table":
-            NoiseTable(self.seed, table_factor)  # validates it
-        self._noise_table: NoiseTable | None = None
+        # tables are made on first use; the object validates table_factor
+        self._noise_table = NoiseTable(self.seed, table_factor) \
+            if distribution == "gaussian-table" else None
         self.exact_head = ExactHead(model, self.name) if exact_head else None
 
     def sampler(self, step_seed: int | None = None) -> DirectionSampler:
@@ -140,14 +139,12 @@ class ForwardGradient(Estimator):
                                 table=self.noise_table())
 
     def noise_table(self) -> NoiseTable | None:
-        """The tables of ``gaussian-table`` directions (``None`` for the other distributions):
-        made on first use, drawn from the estimator's seed (again if a restored state changed
-        it)."""
-        if self.distribution != "gaussian-table":
-            return None
-        if self._noise_table is None or self._noise_table.seed != self.seed:
-            self._noise_table = NoiseTable(self.seed, self.table_factor)
-        return self._noise_table
+        """The tables of ``gaussian-table`` directions (``None`` for the other distributions),
+        drawn from the estimator's seed (again if a restored state changed it)."""
+        table = self._noise_table
+        if table is not None and table.seed != self.seed:
+            table = self._noise_table = NoiseTable(self.seed, table.factor)
+        return table
 
     def perturbed(self) -> list[nn.Parameter]:
         """The parameters that get directions: the trainable ones, less an exact head's."""
