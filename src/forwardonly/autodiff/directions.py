@@ -11,7 +11,7 @@ see below).
   bins of probability 2⁻¹⁶, scaled so that ``E[v] = 0`` and ``E[v²] = 1`` hold exactly;
   kurtosis 2.9998 (3 for N(0, 1)), ``|v| ≤ 4.39`` (beyond it lies 1.2e-5 of N(0, 1)). Indices
   are 16-bit pieces of the words of numpy's ``PCG64DXSM`` bit generator, seeded per tensor;
-  one table lookup per entry, about 1.8× faster than torch's ``normal_`` on the CPU (see
+  one table lookup per entry, 1.7–2.0× faster than torch's ``normal_`` on the CPU (see
   :class:`GaussianStream`). This stream differs from the one of releases that drew with
   ``torch.Generator.normal_``: a run is not bit-identical to one made with them. On other
   devices the device's own generator draws with ``normal_``.
@@ -167,7 +167,7 @@ class GaussianStream(gaussian.GaussianStream):
     one table lookup per entry (:class:`forwardonly.gaussian.GaussianStream`, whose
     :meth:`~forwardonly.gaussian.GaussianStream.array` gives the same entries as numpy
     arrays). Torch's ``normal_`` on the CPU spends a Mersenne-Twister number and a
-    Box–Muller transform per entry and costs about 1.8× as much (``python -m benchmarks
+    Box–Muller transform per entry and costs 1.7–2.0× as much (``python -m benchmarks
     core-step-time``, the *draw only* rows).
 
     Arguments:
